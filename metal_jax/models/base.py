@@ -1,0 +1,95 @@
+"""What GPT-2 and Llama share: compute settings in the config, the output type, the top-level model."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from metal_jax.models import layers
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ComputeConfig:
+  """Fields of ours (not HF's) that every model config carries."""
+  dtype: str = 'float32'  # compute dtype: float32 | bfloat16 | float16
+  param_dtype: str = 'float32'  # storage dtype of the frozen params
+  scan_layers: bool = False  # nn.scan over layers (params stacked on a leading L axis)
+  remat: bool = False  # rematerialise each block in the backward pass
+
+  def __post_init__(self):
+    for f in ('dtype', 'param_dtype'):
+      if getattr(self, f) not in DTYPES:
+        raise ValueError(f'config.{f}={getattr(self, f)!r}: expected one of {sorted(DTYPES)}')
+
+  @property
+  def jnp_dtype(self):
+    return DTYPES[self.dtype]
+
+  @property
+  def jnp_param_dtype(self):
+    return DTYPES[self.param_dtype]
+
+  def replace(self, **kw):
+    return dataclasses.replace(self, **kw)
+
+
+@flax.struct.dataclass
+class LMOutput:
+  logits: jax.Array | None  # [B, T, V] float32
+  kv: layers.KV | None = None  # [L, B, T, K, H] per field, when return_kv
+  hidden: jax.Array | None = None  # [B, T, D] final hidden states entering the LM head
+
+
+class CausalLM(nn.Module):
+  """Embeddings -> blocks -> final norm -> LM head. Subclasses define the pieces.
+
+  __call__(input_ids [B, T], attention_mask [B, T] (1 = real token), prefix=KV
+  of [L, B, P, K, H]) runs the LM with the prefix's P slots before the input, the
+  input at positions P..P+T-1, as transformers does given `past_key_values` of
+  length P. `input_embeds` [B, T, D] replaces the token embeddings (the PGM's
+  trainable padding, or a prompt of embeddings).
+  """
+  config: Any
+
+  # Subclasses define: block_cls (the layer module), embedding() -> [V, D] table,
+  # embed_positions, final_norm and lm_head.
+
+  def embed_positions(self, x, positions):
+    return x
+
+  @nn.compact
+  def __call__(self, input_ids=None, attention_mask=None, prefix: layers.KV | None = None, *,
+               input_embeds=None, embeds_mask=None, positions=None, return_kv: bool = False,
+               return_hidden: bool = False, return_logits: bool = True) -> LMOutput:
+    """Runs the LM. `input_embeds` [B, T, D] replace the token embeddings where
+    `embeds_mask` [B, T] is true (everywhere when input_ids is None)."""
+    cfg = self.config
+    table = self.embedding()  # [V, D]
+    if input_ids is not None:
+      x = jnp.take(table, input_ids, axis=0)
+      if input_embeds is not None:
+        sel = jnp.ones(input_ids.shape, bool) if embeds_mask is None else embeds_mask
+        x = jnp.where(sel[..., None], jnp.asarray(input_embeds, cfg.jnp_dtype), x)
+    elif input_embeds is not None:
+      x = jnp.asarray(input_embeds, cfg.jnp_dtype)
+    else:
+      raise ValueError('CausalLM needs input_ids or input_embeds')
+    b, t = x.shape[:2]
+    if attention_mask is None:
+      attention_mask = jnp.ones((b, t), jnp.int32)
+    p = 0 if prefix is None else prefix.k.shape[2]
+    if positions is None:
+      positions = jnp.broadcast_to(p + jnp.arange(t), (b, t))
+    x = self.embed_positions(x, positions)
+    mask = layers.attention_mask(attention_mask, p)
+    x, kv = layers.run_layers(self.block_cls, cfg, x, positions, mask, prefix, return_kv)
+    x = self.final_norm(x)
+    logits = self.lm_head(x, table) if return_logits else None
+    return LMOutput(logits=logits, kv=kv, hidden=x if return_hidden else None)

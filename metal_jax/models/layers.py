@@ -1,0 +1,191 @@
+"""Building blocks shared by GPT-2 and Llama.
+
+Letters: B batch, T query length, S key length (prefix included), P prefix
+length, D model width, N query heads, K key/value heads, H head width, F MLP
+width, V vocab, L layers, R LoRA rank.
+
+Attention takes the prefix keys/values explicitly and returns the keys/values of
+its own positions; there is no hidden cache. LoRA lives in the variable
+collection 'lora' ({'a': [in..., R], 'b': [R, out...]} per target, already
+scaled by alpha/R, see metal_jax.lora): when the collection is present the
+module computes the PGM, when it is absent the frozen LM, from the same params.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    'gelu_new': lambda x: jax.nn.gelu(x, approximate=True),
+    'gelu_pytorch_tanh': lambda x: jax.nn.gelu(x, approximate=True),
+    'gelu_fast': lambda x: jax.nn.gelu(x, approximate=True),
+    'gelu': lambda x: jax.nn.gelu(x, approximate=False),
+    'relu': jax.nn.relu,
+    'silu': jax.nn.silu,
+    'swish': jax.nn.silu,
+}
+
+
+class KV(NamedTuple):
+  """Per-layer keys and values, each [L, B, P, K, H] (a prefix) or [L, B, T, K, H] (an output).
+
+  Llama keys are rotated for their positions, exactly as an HF cache holds them;
+  `k_raw` (outputs only, Llama) holds the keys before RoPE.
+  """
+  k: Array
+  v: Array
+  k_raw: Array | None = None
+
+
+def param(mdl: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str | None, ...],
+          init: Callable = nn.initializers.normal(0.02)) -> Array:
+  """A parameter carrying logical axis names, cast to the module's compute dtype."""
+  cfg = mdl.config
+  p = mdl.param(name, nn.with_logical_partitioning(init, axes), shape, cfg.jnp_param_dtype)
+  return jnp.asarray(p, cfg.jnp_dtype)
+
+
+def lora_delta(mdl: nn.Module, target: str, x: Array) -> Array | None:
+  """The LoRA update x @ A @ B for `target`, or None when no LoRA pytree is given."""
+  if not mdl.has_variable('lora', target):
+    return None
+  ab = mdl.get_variable('lora', target)
+  a = jnp.asarray(ab['a'], x.dtype)  # [in..., R]
+  b = jnp.asarray(ab['b'], x.dtype)  # [R, out...]
+  return jnp.tensordot(jnp.tensordot(x, a, axes=a.ndim - 1), b, axes=1)
+
+
+def add_lora(mdl: nn.Module, target: str, x: Array, y: Array) -> Array:
+  d = lora_delta(mdl, target, x)
+  return y if d is None else y + d
+
+
+def dense(mdl: nn.Module, name: str, x: Array, in_axes: tuple[str, ...],
+          out_shape: tuple[int, ...], out_axes: tuple[str, ...], *, use_bias: bool,
+          lora_target: str | None = None) -> Array:
+  """x [..., in...] @ kernel [in..., out...] (+ bias) (+ LoRA), kernel stored as param `name`."""
+  sub = _Dense(mdl.config, in_axes, out_shape, out_axes, use_bias, name=name)
+  y = sub(x)
+  return y if lora_target is None else add_lora(mdl, lora_target, x, y)
+
+
+class _Dense(nn.Module):
+  config: Any
+  in_axes: tuple[str, ...]
+  out_shape: tuple[int, ...]
+  out_axes: tuple[str, ...]
+  use_bias: bool
+
+  @nn.compact
+  def __call__(self, x):
+    n_in = len(self.in_axes)
+    kernel = param(self, 'kernel', x.shape[-n_in:] + self.out_shape, self.in_axes + self.out_axes)
+    x = jnp.asarray(x, self.config.jnp_dtype)
+    y = jnp.tensordot(x, kernel, axes=n_in)
+    if self.use_bias:
+      y = y + param(self, 'bias', self.out_shape, self.out_axes, nn.initializers.zeros)
+    return y
+
+
+class RMSNorm(nn.Module):
+  """Llama's RMSNorm, computed in float32 as transformers does."""
+  config: Any
+  eps: float
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('norm',)),
+                       (x.shape[-1],), self.config.jnp_param_dtype)
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return jnp.asarray(scale, self.config.jnp_dtype) * xf.astype(self.config.jnp_dtype)
+
+
+class LayerNorm(nn.Module):
+  """GPT-2's LayerNorm (statistics in float32)."""
+  config: Any
+  eps: float
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('norm',)),
+                       (d,), self.config.jnp_param_dtype)
+    bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ('norm',)),
+                      (d,), self.config.jnp_param_dtype)
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(self.config.jnp_dtype)
+
+
+def attention_mask(attention_mask: Array, prefix_len: int) -> Array:
+  """Boolean mask [B, 1, T, S]: causal over the input, every prefix slot visible, padding hidden."""
+  b, t = attention_mask.shape
+  key_mask = jnp.concatenate(
+      [jnp.ones((b, prefix_len), bool), attention_mask.astype(bool)], axis=1)  # [B, S]
+  q_idx = jnp.arange(t)[:, None]
+  k_idx = jnp.arange(prefix_len + t)[None, :] - prefix_len
+  causal = k_idx <= q_idx  # [T, S]; prefix slots have k_idx < 0
+  return key_mask[:, None, None, :] & causal[None, None]
+
+
+def attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
+  """Grouped-query attention: q [B, T, N, H], k/v [B, S, K, H], mask [B, 1, T, S] -> [B, T, N, H].
+
+  Softmax is taken in float32; fully masked rows (left padding) give zeros, not NaN.
+  """
+  b, t, n, h = q.shape
+  kh = k.shape[2]
+  qg = q.reshape(b, t, kh, n // kh, h)  # [B, T, K, G, H]
+  scores = jnp.einsum('btkgh,bskh->bkgts', qg, k, preferred_element_type=jnp.float32)
+  scores = scores * (h ** -0.5)
+  m = mask[:, :, None]  # [B, 1, 1, T, S]
+  scores = jnp.where(m, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1)
+  probs = jnp.where(m, probs, 0.0).astype(v.dtype)
+  out = jnp.einsum('bkgts,bskh->btkgh', probs, v)
+  return out.reshape(b, t, n, h)
+
+
+def with_prefix(kv_new: Array, prefix: Array | None, dtype) -> Array:
+  """Places the prefix [B, P, K, H] before this step's keys or values [B, T, K, H]."""
+  if prefix is None:
+    return kv_new
+  return jnp.concatenate([jnp.asarray(prefix, dtype), kv_new], axis=1)
+
+
+def run_layers(block_cls, config, x: Array, positions: Array, mask: Array,
+               prefix: KV | None, return_kv: bool) -> tuple[Array, KV | None]:
+  """Applies config.n_layers blocks: a Python loop, or nn.scan (+ nn.remat) if config.scan_layers.
+
+  Call from inside a compact method: the blocks become children of the caller,
+  named `layers_{i}` (loop) or `layers` (scan, params stacked on a leading L axis).
+  """
+  n_layers = config.n_layers
+  prefix_kv = None if prefix is None else KV(prefix.k, prefix.v)
+  block = block_cls
+  if config.remat:
+    block = nn.remat(block, prevent_cse=not config.scan_layers)
+  if config.scan_layers:
+    scanned = nn.scan(
+        block, variable_axes={'params': 0, 'lora': 0}, split_rngs={'params': True},
+        in_axes=(nn.broadcast, nn.broadcast, 0), length=n_layers,
+        metadata_params={nn.PARTITION_NAME: 'layers'})
+    x, kv = scanned(config, return_kv, name='layers')(x, positions, mask, prefix_kv)
+    return x, kv
+  outs = []
+  for i in range(n_layers):
+    layer_prefix = None if prefix_kv is None else jax.tree.map(lambda a, i=i: a[i], prefix_kv)
+    x, kv = block(config, return_kv, name=f'layers_{i}')(x, positions, mask, layer_prefix)
+    outs.append(kv)
+  if not return_kv:
+    return x, None
+  return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
