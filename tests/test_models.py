@@ -22,9 +22,7 @@ transformers.utils.logging.disable_progress_bar()
 
 from metal_jax.models import KV, GPT2Config, LlamaConfig, config_from_hf, module_for
 from metal_jax.models import rope as rope_lib
-
-hf_lib = pytest.importorskip('metal_jax.models.hf')
-load_lm = hf_lib.load_lm
+from metal_jax.models.hf import load_lm
 
 VOCAB = 100
 B, T, N_PAD = 2, 10, 3  # batch, length; row 1 has its last N_PAD tokens padded (right padding)
