@@ -66,10 +66,17 @@ class CausalLM(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids=None, attention_mask=None, prefix: layers.KV | None = None, *,
-               input_embeds=None, embeds_mask=None, positions=None, return_kv: bool = False,
-               return_hidden: bool = False, return_logits: bool = True) -> LMOutput:
-    """Runs the LM. `input_embeds` [B, T, D] replace the token embeddings where
-    `embeds_mask` [B, T] is true (everywhere when input_ids is None)."""
+               input_embeds=None, embeds_mask=None, positions=None, logit_positions=None,
+               return_kv: bool = False, return_hidden: bool = False,
+               return_logits: bool = True) -> LMOutput:
+    """Runs the LM.
+
+    `input_embeds` [B, T, D] replace the token embeddings where `embeds_mask`
+    [B, T] is true (everywhere when input_ids is None). `positions` [B, T]
+    overrides the default P..P+T-1 (left padding). `logit_positions` [B, Y]
+    computes logits only at those positions (logits [B, Y, V]): the LM head is
+    the largest matmul, and a loss needs only the answer's positions.
+    """
     cfg = self.config
     table = self.embedding()  # [V, D]
     if input_ids is not None:
@@ -91,5 +98,9 @@ class CausalLM(nn.Module):
     mask = layers.attention_mask(attention_mask, p)
     x, kv = layers.run_layers(self.block_cls, cfg, x, positions, mask, prefix, return_kv)
     x = self.final_norm(x)
-    logits = self.lm_head(x, table) if return_logits else None
+    logits = None
+    if return_logits:
+      h = x if logit_positions is None else jnp.take_along_axis(
+          x, logit_positions[..., None].astype(jnp.int32), axis=1)  # [B, Y, D]
+      logits = self.lm_head(h, table)
     return LMOutput(logits=logits, kv=kv, hidden=x if return_hidden else None)

@@ -23,6 +23,7 @@ class GPT2Config(ComputeConfig):
   activation_function: str = 'gelu_new'
   layer_norm_epsilon: float = 1e-5
 
+  embed_param = 'wte'  # the word-embedding table's param name
   model_type = 'gpt2'
   HF_FIELDS = ('vocab_size', 'n_positions', 'n_embd', 'n_layer', 'n_head', 'n_inner',
                'activation_function', 'layer_norm_epsilon')

@@ -31,6 +31,7 @@ class LlamaConfig(ComputeConfig):
   attention_bias: bool = False
   mlp_bias: bool = False
 
+  embed_param = 'embed_tokens'  # the word-embedding table's param name
   model_type = 'llama'
   HF_FIELDS = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers',
                'num_attention_heads', 'num_key_value_heads', 'hidden_act',

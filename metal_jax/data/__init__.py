@@ -1,0 +1,1 @@
+"""Data: MetaICL-format task files and the built-in synthetic suite."""

@@ -1,0 +1,193 @@
+"""Meta-training episodes: X^P for the PGM, X^L + (x, y) for the frozen LM.
+
+An episode draws one task, then n_P + n_L + 1 distinct examples from it. Sequences
+follow MetaICL's direct format (the first example's input bare, later ones after
+three newlines; outputs after one newline), are cut from the left to fit, and are
+padded to a few bucket lengths so that jit compiles a handful of shapes.
+
+Batches are a pure function of (seed, step): episode i of step s uses the RNG
+seeded by (seed, s, i), whatever the number of processes; a process builds only
+its own rows. The iterator's whole state is {seed, step}.
+
+Batch layout (numpy):
+  pgm_ids   [B, Tp] int32  X^P then P placeholder slots, LEFT-padded (slots are
+                           always the last P positions)
+  pgm_mask  [B, Tp] int32  1 on real tokens and slots
+  lm_ids    [B, Tl] int32  X^L, x, y, right-padded
+  lm_mask   [B, Tl] int32
+  target_pos  [B, Y] int32  positions in lm_ids whose next token is a y token
+  target_ids  [B, Y] int32  the y tokens
+  target_mask [B, Y] int32  1 where a y token is scored
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from metal_jax.data.tasks import TokenizedTask
+
+PAD_ID = 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EpisodeSpec:
+  n_prompt_examples: int = 16  # n_P: examples the PGM reads
+  n_lm_examples: int = 0  # n_L: demonstrations the frozen LM sees
+  prompt_len: int = 20  # P: padding slots / prompt positions
+  max_len: int = 1024  # the model's limit (GPT-2: n_positions)
+  buckets: tuple[int, ...] = ()  # sequence lengths to pad to; () = powers of two up to max_len
+  target_buckets: tuple[int, ...] = (4, 8, 16, 32, 64, 128, 256)
+
+  @property
+  def pgm_budget(self) -> int:
+    return self.max_len - self.prompt_len  # X^P tokens; the P slots follow
+
+  @property
+  def lm_budget(self) -> int:
+    return self.max_len - self.prompt_len  # the prompt takes positions 0..P-1
+
+  def length_buckets(self) -> tuple[int, ...]:
+    if self.buckets:
+      return tuple(sorted(set(self.buckets) | {self.max_len}))
+    b, out = 32, []
+    while b < self.max_len:
+      out.append(b)
+      b *= 2
+    return tuple(out) + (self.max_len,)
+
+
+def bucket(n: int, buckets: Sequence[int]) -> int:
+  for b in buckets:
+    if n <= b:
+      return b
+  raise ValueError(f'length {n} exceeds the largest bucket {buckets[-1]}')
+
+
+def concat_examples(task: TokenizedTask, idx: Sequence[int], with_outputs: bool = True) -> np.ndarray:
+  """MetaICL direct concatenation of examples idx (input, then output)."""
+  parts = []
+  for j, e in enumerate(idx):
+    parts.append(task.input_first[e] if j == 0 else task.input_rest[e])
+    if with_outputs:
+      parts.append(task.output_ids[e])
+  return np.concatenate(parts) if parts else np.zeros((0,), np.int32)
+
+
+def lm_context(task: TokenizedTask, demos: Sequence[int], query: int) -> np.ndarray:
+  """X^L followed by the query's input x (before y)."""
+  demo = concat_examples(task, demos)
+  x = task.input_rest[query] if len(demos) else task.input_first[query]
+  return np.concatenate([demo, x])
+
+
+def left_truncate(x: np.ndarray, n: int) -> np.ndarray:
+  return x[len(x) - n:] if len(x) > n else x
+
+
+@dataclasses.dataclass
+class Episode:
+  pgm_tokens: np.ndarray  # X^P, truncated
+  lm_context: np.ndarray  # X^L + x, truncated
+  target: np.ndarray  # y
+
+
+def make_episode(task: TokenizedTask, prompt_idx: Sequence[int], demo_idx: Sequence[int],
+                 query: int, spec: EpisodeSpec, target: np.ndarray | None = None) -> Episode:
+  """One episode's token sequences, cut from the left to fit the model."""
+  y = task.output_ids[query] if target is None else target
+  pgm = left_truncate(concat_examples(task, prompt_idx), spec.pgm_budget)
+  ctx = left_truncate(lm_context(task, demo_idx, query), spec.lm_budget - len(y))
+  return Episode(pgm, ctx, y)
+
+
+def collate(episodes: Sequence[Episode], spec: EpisodeSpec, pgm_len: int, lm_len: int,
+            target_len: int) -> dict[str, np.ndarray]:
+  """Pads episodes into the batch layout described in the module docstring."""
+  b, p = len(episodes), spec.prompt_len
+  out = {
+      'pgm_ids': np.full((b, pgm_len), PAD_ID, np.int32),
+      'pgm_mask': np.zeros((b, pgm_len), np.int32),
+      'lm_ids': np.full((b, lm_len), PAD_ID, np.int32),
+      'lm_mask': np.zeros((b, lm_len), np.int32),
+      'target_pos': np.zeros((b, target_len), np.int32),
+      'target_ids': np.full((b, target_len), PAD_ID, np.int32),
+      'target_mask': np.zeros((b, target_len), np.int32),
+  }
+  for i, ep in enumerate(episodes):
+    n = len(ep.pgm_tokens)
+    out['pgm_ids'][i, pgm_len - p - n:pgm_len - p] = ep.pgm_tokens
+    out['pgm_mask'][i, pgm_len - p - n:] = 1
+    seq = np.concatenate([ep.lm_context, ep.target])
+    out['lm_ids'][i, :len(seq)] = seq
+    out['lm_mask'][i, :len(seq)] = 1
+    ny = len(ep.target)
+    out['target_pos'][i, :ny] = len(ep.lm_context) - 1 + np.arange(ny)
+    out['target_ids'][i, :ny] = ep.target
+    out['target_mask'][i, :ny] = 1
+  return out
+
+
+def batch_shapes(episodes: Sequence[Episode], spec: EpisodeSpec) -> tuple[int, int, int]:
+  """Bucketed (pgm_len, lm_len, target_len) that fit every episode."""
+  buckets = spec.length_buckets()
+  pgm = bucket(max(len(e.pgm_tokens) for e in episodes) + spec.prompt_len, buckets)
+  lm = bucket(max(len(e.lm_context) + len(e.target) for e in episodes), buckets)
+  tgt = bucket(max(len(e.target) for e in episodes), spec.target_buckets + (spec.lm_budget,))
+  return pgm, lm, tgt
+
+
+class EpisodeSampler:
+  """Deterministic meta-training batches over a list of tokenised tasks."""
+
+  def __init__(self, tasks: Sequence[TokenizedTask], spec: EpisodeSpec, batch_size: int,
+               seed: int, process_index: int = 0, process_count: int = 1):
+    need = spec.n_prompt_examples + spec.n_lm_examples + 1
+    small = [t.path for t in tasks if len(t) < need]
+    if small:
+      raise ValueError(f'tasks with fewer than n_P + n_L + 1 = {need} examples: {small}')
+    if batch_size % process_count:
+      raise ValueError(f'batch_size={batch_size} is not divisible by {process_count} processes')
+    self.tasks, self.spec, self.batch_size, self.seed = list(tasks), spec, batch_size, seed
+    self.process_index, self.process_count = process_index, process_count
+    self.step = 0
+
+  @property
+  def episodes_per_epoch(self) -> int:
+    per = self.spec.n_prompt_examples + self.spec.n_lm_examples + 1
+    return sum(len(t) // per for t in self.tasks)
+
+  def episode(self, step: int, i: int) -> Episode:
+    rng = np.random.default_rng([self.seed, step, i])
+    task = self.tasks[rng.integers(len(self.tasks))]
+    spec = self.spec
+    idx = rng.choice(len(task), spec.n_prompt_examples + spec.n_lm_examples + 1, replace=False)
+    prompt_idx = idx[:spec.n_prompt_examples]
+    demo_idx = idx[spec.n_prompt_examples:-1]
+    return make_episode(task, prompt_idx, demo_idx, int(idx[-1]), spec)
+
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    """This process's rows of the global batch for `step`, padded to global bucket lengths."""
+    episodes = [self.episode(step, i) for i in range(self.batch_size)]
+    shapes = batch_shapes(episodes, self.spec)  # from the global batch: equal on every process
+    per = self.batch_size // self.process_count
+    mine = episodes[self.process_index * per:(self.process_index + 1) * per]
+    return collate(mine, self.spec, *shapes)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    out = self.batch(self.step)
+    self.step += 1
+    return out
+
+  def state(self) -> dict:
+    return {'seed': self.seed, 'step': self.step}
+
+  def restore(self, state: dict) -> None:
+    if state['seed'] != self.seed:
+      raise ValueError(f'data iterator state has seed {state["seed"]}, config has {self.seed}')
+    self.step = int(state['step'])

@@ -1,0 +1,176 @@
+"""MetaICL-format task files and settings.
+
+A data directory holds `{task}/{task}_{k}_{seed}_{split}.jsonl`, one
+{"task", "input", "output", "options"} object a line. A setting is MetaICL's
+{"train": [tasks], "test": [tasks]}. Files are validated line by line (the
+error names the file and line), then read through HF `datasets` and tokenised
+once: the tokenised examples are cached next to the run, keyed by the file's
+content and the tokenizer, so a second run does not tokenise again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+SETTINGS_DIR = Path(__file__).resolve().parents[2] / 'configs' / 'settings'
+META_TRAIN_K, META_TRAIN_SEED = 16384, 100  # MetaICL's names for meta-training files
+REQUIRED_KEYS = ('task', 'input', 'output', 'options')
+
+
+class DataError(ValueError):
+  """Bad task data or settings; the message names the file (and line, or task)."""
+
+
+def task_file(data_dir: str, task: str, k: int, seed: int, split: str) -> str:
+  return os.path.join(data_dir, task, f'{task}_{k}_{seed}_{split}.jsonl')
+
+
+def meta_train_file(data_dir: str, task: str) -> str:
+  return task_file(data_dir, task, META_TRAIN_K, META_TRAIN_SEED, 'train')
+
+
+def validate_jsonl(path: str) -> int:
+  """Checks every line of a task file; returns the number of examples.
+
+  Raises DataError naming the file and line for bad JSON, a missing or mistyped
+  key, or an output that is not among its options; and for an empty file.
+  """
+  if not os.path.exists(path):
+    raise DataError(f'{path}: task file not found')
+  n = 0
+  with open(path, encoding='utf-8') as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      where = f'{path}:{lineno}'
+      try:
+        dp = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise DataError(f'{where}: invalid JSON ({e.msg})') from e
+      if not isinstance(dp, dict):
+        raise DataError(f'{where}: expected a JSON object, got {type(dp).__name__}')
+      for key in REQUIRED_KEYS:
+        if key not in dp:
+          raise DataError(f'{where}: missing key {key!r}')
+      if not isinstance(dp['input'], str) or not isinstance(dp['output'], str):
+        raise DataError(f'{where}: "input" and "output" must be strings')
+      opts = dp['options']
+      if not isinstance(opts, list) or not all(isinstance(o, str) for o in opts):
+        raise DataError(f'{where}: "options" must be a list of strings')
+      if opts and dp['output'] not in opts:
+        raise DataError(f'{where}: output {dp["output"]!r} is not among its options {opts}')
+      n += 1
+  if n == 0:
+    raise DataError(f'{path}: no examples (empty task file)')
+  return n
+
+
+def load_setting(name_or_path: str) -> dict[str, list[str]]:
+  """A setting by name (configs/settings/NAME.json) or path; refuses overlapping train/test tasks."""
+  path = Path(name_or_path)
+  if not path.suffix and not path.exists():
+    path = SETTINGS_DIR / f'{name_or_path}.json'
+  if not path.exists():
+    known = sorted(p.stem for p in SETTINGS_DIR.glob('*.json'))
+    raise DataError(f'setting {name_or_path!r}: no such file {path} (known settings: {known})')
+  try:
+    setting = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise DataError(f'{path}: invalid JSON ({e})') from e
+  for key in ('train', 'test'):
+    tasks = setting.get(key)
+    if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
+      raise DataError(f'{path}: "{key}" must be a list of task names')
+    dup = sorted({t for t in tasks if tasks.count(t) > 1})
+    if dup:
+      raise DataError(f'{path}: "{key}" lists tasks more than once: {dup}')
+  overlap = sorted(set(setting['train']) & set(setting['test']))
+  if overlap:
+    raise DataError(f'{path}: meta-train and test tasks must be disjoint; both list {overlap}')
+  return {'train': list(setting['train']), 'test': list(setting['test'])}
+
+
+# ----------------------------------------------------------------------------- tokenisation
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+  backend = getattr(tokenizer, 'backend_tokenizer', None)
+  text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _file_digest(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for chunk in iter(lambda: f.read(1 << 20), b''):
+      h.update(chunk)
+  return h.hexdigest()[:16]
+
+
+def _tokenize_batch(batch, tokenizer, max_example_len):
+  """MetaICL direct format, pieces tokenised once so episodes are concatenations.
+
+  input_first: the input as the first example of a sequence; input_rest: with
+  the three-newline separator; output and options: with their leading newline.
+  Inputs are cut from the left so input + output fit max_example_len.
+  """
+  enc = lambda texts: tokenizer(texts, add_special_tokens=False)['input_ids']
+  out_ids = enc(['\n' + o for o in batch['output']])
+  first = enc(batch['input'])
+  rest = enc(['\n\n\n' + x for x in batch['input']])
+  flat_opts = [o for opts in batch['options'] for o in opts]
+  flat_ids = enc(['\n' + o for o in flat_opts]) if flat_opts else []
+  options, answer, pos = [], [], 0
+  for opts, gold in zip(batch['options'], batch['output']):
+    options.append(flat_ids[pos:pos + len(opts)])
+    answer.append(opts.index(gold) if opts else -1)
+    pos += len(opts)
+
+  def cut(x, y):
+    keep = max(max_example_len - len(y), 0)
+    return x[len(x) - keep:] if len(x) > keep else x
+
+  return {'input_first': [cut(x, y) for x, y in zip(first, out_ids)],
+          'input_rest': [cut(x, y) for x, y in zip(rest, out_ids)],
+          'output_ids': [y[:max_example_len] for y in out_ids],
+          'option_ids': options, 'answer': answer}
+
+
+class TokenizedTask:
+  """One task file's examples, tokenised: lists of int32 arrays per field."""
+
+  def __init__(self, path: str, columns: dict):
+    self.path = path
+    self.input_first = [np.asarray(x, np.int32) for x in columns['input_first']]
+    self.input_rest = [np.asarray(x, np.int32) for x in columns['input_rest']]
+    self.output_ids = [np.asarray(x, np.int32) for x in columns['output_ids']]
+    self.option_ids = [[np.asarray(o, np.int32) for o in opts] for opts in columns['option_ids']]
+    self.answer = np.asarray(columns['answer'], np.int32)
+    self.raw = {k: columns[k] for k in ('input', 'output', 'options')}
+
+  def __len__(self):
+    return len(self.input_first)
+
+
+def load_tokenized(path: str, tokenizer, cache_dir: str, max_example_len: int = 256) -> TokenizedTask:
+  """Validates, reads (HF datasets, JSON lines) and tokenises a task file, cached in cache_dir."""
+  import datasets
+  datasets.disable_progress_bars()
+  if not os.path.exists(path):
+    raise DataError(f'{path}: task file not found')
+  key = f'{_file_digest(path)}-{tokenizer_fingerprint(tokenizer)}-{max_example_len}'
+  cache_file = os.path.join(cache_dir, f'{Path(path).stem}-{key}.arrow')
+  if not os.path.exists(cache_file):
+    validate_jsonl(path)  # only files that pass ever reach the cache
+    os.makedirs(cache_dir, exist_ok=True)
+  ds = datasets.load_dataset('json', data_files=path, split='train',
+                             cache_dir=os.path.join(cache_dir, 'json'))
+  ds = ds.map(_tokenize_batch, batched=True, batch_size=1024, cache_file_name=cache_file,
+              load_from_cache_file=True, new_fingerprint=key,
+              fn_kwargs={'tokenizer': tokenizer, 'max_example_len': max_example_len})
+  return TokenizedTask(path, ds.to_dict())
