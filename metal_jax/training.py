@@ -39,13 +39,19 @@ class OptimConfig:
   accum_steps: int = 1  # micro-batches per step (gradient accumulation)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-  """AdamW with linear decay (optionally after a linear warmup) and optional clipping."""
+def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+  """Linear decay from lr to end_lr, after an optional linear warmup."""
   decay_steps = max(total_steps - cfg.warmup_steps, 1)
   schedule = optax.linear_schedule(cfg.lr, cfg.end_lr, decay_steps)
   if cfg.warmup_steps:
     schedule = optax.join_schedules(
         [optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps), schedule], [cfg.warmup_steps])
+  return schedule
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+  """AdamW on make_schedule, with optional global-norm clipping."""
+  schedule = make_schedule(cfg, total_steps)
   parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
   parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                            weight_decay=cfg.weight_decay))
@@ -201,3 +207,103 @@ def timed(fn, *args):
 __all__ = ['OptimConfig', 'make_optimizer', 'init_state', 'make_train_step', 'jit_train_step',
            'checkpoint_manager', 'save_checkpoint', 'restore_checkpoint', 'MetricWriter',
            'grads_and_metrics', 'np']
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def parameter_counts(params, trainable) -> dict:
+  total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
+  return {'frozen': total, 'trainable': train, 'trainable_fraction': train / max(total, 1)}
+
+
+def train(config, workdir: str) -> dict:
+  """Meta-trains the PGM (Equation 1) as `config` says; resumes from `workdir` by itself.
+
+  Returns a summary (final step, last loss, timings). Only process 0 logs and
+  writes metrics; Orbax coordinates checkpoint writes across processes.
+  """
+  from tqdm import tqdm
+
+  from metal_jax import experiment
+  from metal_jax.data.episodes import EpisodeSampler
+
+  experiment.validate(config)
+  if config.distributed:
+    jax.distributed.initialize()
+  lead = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+
+  data_dir, setting = experiment.data_location(config, workdir)
+  tokenizer = experiment.tokenizer_for(config, workdir)
+  tasks = experiment.meta_train_tasks(config, data_dir, setting, tokenizer, workdir)
+  ckpt_dir = experiment.model_source(config, workdir, tokenizer, tasks)
+  mesh = sharding.make_mesh(config.mesh.to_dict())
+  lm, param_sh = experiment.load_model(config, ckpt_dir, mesh)
+  pgm_cfg = experiment.pgm_config(config)
+  spec = experiment.episode_spec(config, lm.config)
+
+  sampler = EpisodeSampler(tasks, spec, config.batch_size, config.seed,
+                           jax.process_index(), jax.process_count())
+  steps = config.num_steps or max(
+      config.epochs * sampler.episodes_per_epoch // config.batch_size, 1)
+  optim_cfg = experiment.optim_config(config)
+  tx, schedule = make_optimizer(optim_cfg, steps), make_schedule(optim_cfg, steps)
+  rep = sharding.replicated(mesh)
+  init_fn = lambda rng: init_state(pgm.init_trainable(rng, lm.config, pgm_cfg), tx)
+  state = jax.jit(init_fn, out_shardings=rep)(jax.random.key(config.seed))
+  step_fn = jit_train_step(
+      make_train_step(pgm_cfg, lm.module, tx, config.optim.accum_steps), mesh, param_sh, state)
+
+  mngr = checkpoint_manager(os.path.join(workdir, 'checkpoints'), config.save_every,
+                            config.keep_checkpoints, async_save=config.async_checkpoints)
+  cfg_json = experiment.config_json(config)
+  start = mngr.latest_step()
+  if start is not None:
+    state, data_state = restore_checkpoint(mngr, start, abstract_like(state))
+    sampler.restore(data_state)
+    if lead:
+      truncate_metrics(workdir, start)
+      log.info('resuming from the checkpoint at step %d in %s', start, mngr.directory)
+  counts = parameter_counts(lm.params, state['trainable'])
+  if lead:
+    log.info('mesh %s over %d devices (%d processes)', dict(mesh.shape), mesh.size,
+             jax.process_count())
+    log.info('parameters: frozen %s, trainable %s (%.4f%%)', f'{counts["frozen"]:,}',
+             f'{counts["trainable"]:,}', 100 * counts['trainable_fraction'])
+    log.info('%d steps of %d episodes (%d meta-train tasks, %d episodes an epoch)', steps,
+             config.batch_size, len(tasks), sampler.episodes_per_epoch)
+  writer = MetricWriter(workdir, enabled=lead)
+  rng = jax.random.key(config.seed + 1)
+  first = int(state['step'])
+  bar = tqdm(range(first, steps), initial=first, total=steps, desc='meta-train',
+             dynamic_ncols=True, disable=not lead or not config.progress)
+  window_tokens, window_t, last = 0, time.perf_counter(), {}
+  compile_s = None
+  for s in bar:
+    local = next(sampler)
+    batch = sharding.global_batch(local, mesh)
+    t0 = time.perf_counter()
+    state, metrics = step_fn(state, lm.params, batch, rng)
+    if compile_s is None:
+      jax.block_until_ready(metrics)
+      compile_s = time.perf_counter() - t0
+      window_t = time.perf_counter()
+    window_tokens += int(local['pgm_mask'].sum() + local['lm_mask'].sum()) * jax.process_count()
+    save_checkpoint(mngr, s + 1, state, sampler.state(), cfg_json, force=s + 1 == steps)
+    if (s + 1) % config.log_every == 0 or s + 1 == steps:
+      metrics = jax.device_get(metrics)
+      dt = time.perf_counter() - window_t
+      last = {**{k: float(v) for k, v in metrics.items()},
+              'tokens_per_s': window_tokens / max(dt, 1e-9),
+              'lr': float(schedule(s))}
+      writer.write(s + 1, last)
+      bar.set_postfix(loss=f'{last["loss"]:.4f}', tok_s=f'{last["tokens_per_s"]:.0f}')
+      window_tokens, window_t = 0, time.perf_counter()
+  mngr.wait_until_finished()
+  mngr.close()
+  writer.close()
+  return {'steps': steps, 'last': last, 'compile_s': compile_s, 'counts': counts,
+          'checkpoint_dir': str(mngr.directory), 'lm_dir': ckpt_dir}
+

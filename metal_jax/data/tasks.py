@@ -156,6 +156,13 @@ class TokenizedTask:
   def __len__(self):
     return len(self.input_first)
 
+  def truncate(self, n: int) -> None:
+    """Keeps the first n examples (the paper caps meta-training tasks at 16,384)."""
+    for name in ('input_first', 'input_rest', 'output_ids', 'option_ids'):
+      setattr(self, name, getattr(self, name)[:n])
+    self.answer = self.answer[:n]
+    self.raw = {k: v[:n] for k, v in self.raw.items()}
+
 
 def load_tokenized(path: str, tokenizer, cache_dir: str, max_example_len: int = 256) -> TokenizedTask:
   """Validates, reads (HF datasets, JSON lines) and tokenises a task file, cached in cache_dir."""

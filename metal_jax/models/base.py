@@ -36,6 +36,17 @@ class ComputeConfig:
   def jnp_param_dtype(self):
     return DTYPES[self.param_dtype]
 
+  @staticmethod
+  def token_ids_from_hf(d: dict) -> dict:
+    eos = d.get('eos_token_id')
+    return {'bos_token_id': d.get('bos_token_id'),
+            'eos_token_id': tuple(eos) if isinstance(eos, list) else eos}
+
+  def token_ids_to_hf(self) -> dict:
+    eos = self.eos_token_id
+    return {'bos_token_id': self.bos_token_id,
+            'eos_token_id': list(eos) if isinstance(eos, tuple) else eos}
+
   def replace(self, **kw):
     return dataclasses.replace(self, **kw)
 

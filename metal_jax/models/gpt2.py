@@ -23,6 +23,9 @@ class GPT2Config(ComputeConfig):
   activation_function: str = 'gelu_new'
   layer_norm_epsilon: float = 1e-5
 
+  bos_token_id: int | None = None  # carried through to exported configs
+  eos_token_id: int | tuple[int, ...] | None = None
+
   embed_param = 'wte'  # the word-embedding table's param name
   model_type = 'gpt2'
   HF_FIELDS = ('vocab_size', 'n_positions', 'n_embd', 'n_layer', 'n_head', 'n_inner',
@@ -54,11 +57,12 @@ class GPT2Config(ComputeConfig):
       unsupported['scale_attn_weights'] = False
     if unsupported:
       raise ValueError(f'GPT-2 config options not supported: {unsupported}')
-    return cls(**{k: d[k] for k in cls.HF_FIELDS if k in d}, **compute)
+    return cls(**{k: d[k] for k in cls.HF_FIELDS if k in d}, **cls.token_ids_from_hf(d), **compute)
 
   def to_hf(self) -> dict:
     return {'model_type': 'gpt2', 'architectures': ['GPT2LMHeadModel'],
-            **{k: getattr(self, k) for k in self.HF_FIELDS}, 'tie_word_embeddings': True}
+            **{k: getattr(self, k) for k in self.HF_FIELDS}, 'tie_word_embeddings': True,
+            **self.token_ids_to_hf()}
 
 
 class GPT2Attention(nn.Module):

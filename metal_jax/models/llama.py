@@ -31,6 +31,9 @@ class LlamaConfig(ComputeConfig):
   attention_bias: bool = False
   mlp_bias: bool = False
 
+  bos_token_id: int | None = None  # carried through to exported configs
+  eos_token_id: int | tuple[int, ...] | None = None
+
   embed_param = 'embed_tokens'  # the word-embedding table's param name
   model_type = 'llama'
   HF_FIELDS = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers',
@@ -67,12 +70,13 @@ class LlamaConfig(ComputeConfig):
     max_pos = d.get('max_position_embeddings', 2048)
     return cls(**{k: d[k] for k in cls.HF_FIELDS if k in d}, head_dim_=d.get('head_dim'),
                rope_theta=float(theta), rope_scaling=rope.RopeScaling.from_hf(scaling, max_pos),
-               **compute)
+               **cls.token_ids_from_hf(d), **compute)
 
   def to_hf(self) -> dict:
     d = {'model_type': 'llama', 'architectures': ['LlamaForCausalLM'],
          **{k: getattr(self, k) for k in self.HF_FIELDS}, 'head_dim': self.head_dim,
-         'num_key_value_heads': self.n_kv_heads, 'rope_theta': self.rope_theta}
+         'num_key_value_heads': self.n_kv_heads, 'rope_theta': self.rope_theta,
+         **self.token_ids_to_hf()}
     d['rope_scaling'] = None if self.rope_scaling is None else self.rope_scaling.to_hf()
     return d
 

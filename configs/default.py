@@ -1,0 +1,53 @@
+"""The built-in default: meta-train a tiny GPT-2 on the synthetic suite, on a CPU, in minutes.
+
+No downloads: the suite is written into the workdir, the tokenizer is built in
+code, and the base LM is first pretrained briefly on the meta-train tasks' text
+(see metal_jax/pretrain.py), then frozen.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model = 'builtin:tiny-gpt2'  # or a local HF checkpoint directory / hub id
+  c.tiny_model = ml_collections.ConfigDict(dict(  # the built-in GPT-2's shape
+      n_embd=128, n_layer=4, n_head=4, n_positions=256))
+  c.pretrain = ml_collections.ConfigDict(dict(  # the built-in base LM's pretraining
+      steps=600, batch_size=32, seq_len=128, lr=3e-3, warmup_steps=50, seed=0))
+  c.data_dir = ''  # '' = the synthetic suite, written to WORKDIR/data
+  c.setting = ''  # a settings name (configs/settings/NAME.json) or path; unused for synthetic
+  c.synthetic = ml_collections.ConfigDict(dict(
+      seed=0, n_train_tasks=24, n_test_tasks=8, n_train_examples=2048, n_test_examples=64))
+
+  c.n_prompt_examples = 16  # n_P: examples the PGM reads
+  c.n_lm_examples = 0  # n_L: demonstrations the frozen LM sees
+  c.max_example_len = 256  # tokens per example (input cut from the left)
+  c.max_len = 0  # sequence limit; 0 = the model's (GPT-2: n_positions)
+  c.max_examples_per_task = 16384
+
+  c.pgm = ml_collections.ConfigDict(dict(
+      prompt_len=20, design='prefix', temperature=1.0, gumbel_tau=1.0, lstm_layers=2))
+  c.lora = ml_collections.ConfigDict(dict(rank=8, alpha=16.0, targets='q,v'))
+
+  c.batch_size = 16  # episodes per step (global)
+  c.epochs = 0  # passes over the meta-train examples; num_steps > 0 overrides
+  c.num_steps = 400
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=2e-3, end_lr=0.0, warmup_steps=0, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
+      clip_norm=1.0, accum_steps=1))
+
+  c.dtype = 'float32'  # compute dtype: float32 | bfloat16
+  c.param_dtype = ''  # frozen params' storage dtype; '' = dtype
+  c.scan_layers = False
+  c.remat = False
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the rest
+  c.distributed = False  # jax.distributed.initialize() (multi-host TPU pods / GPU nodes)
+
+  c.seed = 0
+  c.save_every = 100
+  c.keep_checkpoints = 3
+  c.async_checkpoints = True
+  c.log_every = 10
+  c.progress = True
+  return c

@@ -1,0 +1,134 @@
+"""From an ml_collections config to the pieces a run needs: data, model, PGM config.
+
+Shared by train.py and eval.py, so both read a config the same way; every
+config error is raised here, at start-up, naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import ml_collections
+
+from metal_jax import lora, pgm, sharding
+from metal_jax.data import synthetic
+from metal_jax.data.episodes import EpisodeSpec
+from metal_jax.data.tasks import DataError, load_setting, load_tokenized, meta_train_file
+from metal_jax.models import GPT2Config
+from metal_jax.models.hf import LoadedLM, load_lm, read_hf_config, resolve
+from metal_jax.models import config_from_hf, module_for
+from metal_jax.pretrain import PretrainConfig, pretrain
+from metal_jax.training import OptimConfig
+
+log = logging.getLogger('metal_jax')
+BUILTIN = 'builtin:tiny-gpt2'
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Start-up checks with messages naming the --config field."""
+  def need(cond, field, msg):
+    if not cond:
+      raise ValueError(f'--config.{field}={config_get(config, field)!r}: {msg}')
+  need(config.batch_size > 0, 'batch_size', 'must be positive')
+  need(config.n_prompt_examples >= 1, 'n_prompt_examples', 'must be >= 1')
+  need(config.n_lm_examples >= 0, 'n_lm_examples', 'must be >= 0')
+  need(config.optim.accum_steps >= 1 and config.batch_size % config.optim.accum_steps == 0,
+       'optim.accum_steps', f'must divide batch_size={config.batch_size}')
+  need(config.pgm.design in pgm.DESIGNS, 'pgm.design', f'choose one of {pgm.DESIGNS}')
+  need(config.dtype in ('float32', 'bfloat16'), 'dtype', 'float32 or bfloat16')
+  need(config.num_steps > 0 or config.epochs > 0, 'epochs', 'set epochs or num_steps')
+
+
+def config_get(config, dotted):
+  x = config
+  for part in dotted.split('.'):
+    x = x[part]
+  return x
+
+
+def pgm_config(config) -> pgm.PGMConfig:
+  targets = tuple(t.strip() for t in config.lora.targets.split(',') if t.strip())
+  return pgm.PGMConfig(
+      prompt_len=config.pgm.prompt_len, design=config.pgm.design,
+      temperature=config.pgm.temperature, gumbel_tau=config.pgm.gumbel_tau,
+      lstm_layers=config.pgm.lstm_layers,
+      lora=lora.LoraConfig(rank=config.lora.rank, alpha=config.lora.alpha, targets=targets))
+
+
+def optim_config(config) -> OptimConfig:
+  return OptimConfig(**config.optim.to_dict())
+
+
+def data_location(config, workdir: str) -> tuple[str, dict]:
+  """(data_dir, setting): the synthetic suite (written into the workdir) or the configured data."""
+  if not config.data_dir:
+    data_dir = os.path.join(workdir, 'data')
+    setting = synthetic.write_suite(data_dir, **config.synthetic.to_dict())
+    return data_dir, setting
+  if not os.path.isdir(config.data_dir):
+    raise DataError(f'--config.data_dir={config.data_dir!r}: no such directory')
+  return config.data_dir, load_setting(config.setting)
+
+
+def model_limit(config, lm_config) -> int:
+  return min(config.max_len, lm_config.max_len) if config.max_len else lm_config.max_len
+
+
+def episode_spec(config, lm_config) -> EpisodeSpec:
+  return EpisodeSpec(n_prompt_examples=config.n_prompt_examples,
+                     n_lm_examples=config.n_lm_examples, prompt_len=config.pgm.prompt_len,
+                     max_len=model_limit(config, lm_config))
+
+
+def meta_train_tasks(config, data_dir: str, setting: dict, tokenizer, workdir: str):
+  cache = os.path.join(workdir, 'cache', 'tokenized')
+  tasks = []
+  for name in setting['train']:
+    t = load_tokenized(meta_train_file(data_dir, name), tokenizer, cache, config.max_example_len)
+    if config.max_examples_per_task and len(t) > config.max_examples_per_task:
+      t.truncate(config.max_examples_per_task)
+    tasks.append(t)
+  return tasks
+
+
+def model_source(config, workdir: str, tokenizer_for_builtin=None, tasks=None) -> str:
+  """The checkpoint directory of the LM: a path / hub id, or the built-in tiny GPT-2."""
+  if config.model != BUILTIN:
+    return resolve(config.model)
+  tok = tokenizer_for_builtin
+  cfg = GPT2Config(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                   **config.tiny_model.to_dict())
+  return pretrain(cfg, tasks, tok, PretrainConfig(**config.pretrain.to_dict()),
+                  os.path.join(workdir, 'base_lm'))
+
+
+def tokenizer_for(config, workdir):
+  """The tokenizer, before the model is loaded (the built-in model is trained with it)."""
+  if config.model == BUILTIN:
+    return synthetic.build_tokenizer()
+  from metal_jax.models.hf import load_tokenizer
+  tok = load_tokenizer(resolve(config.model))
+  if tok is None:
+    raise ValueError(f'--config.model={config.model!r}: the checkpoint has no tokenizer files')
+  return tok
+
+
+def load_model(config, ckpt_dir: str, mesh) -> tuple[LoadedLM, object]:
+  """The frozen LM, each tensor placed on the mesh as it is read; and the param shardings."""
+  compute = dict(dtype=config.dtype, param_dtype=config.param_dtype or config.dtype,
+                 scan_layers=config.scan_layers, remat=config.remat)
+  lm_cfg = config_from_hf(read_hf_config(ckpt_dir), **compute)
+  shardings = sharding.param_shardings(module_for(lm_cfg), mesh)
+  lm = load_lm(ckpt_dir, shardings=shardings, **compute)
+  return lm, shardings
+
+
+def config_json(config) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+__all__ = ['validate', 'pgm_config', 'optim_config', 'data_location', 'episode_spec',
+           'meta_train_tasks', 'model_source', 'tokenizer_for', 'load_model', 'jax']
