@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.batch_size = 16  # episodes per step (global)
   c.epochs = 0  # passes over the meta-train examples; num_steps > 0 overrides
   c.num_steps = 400
+  c.stop_at = 0  # > 0: stop after this step (time-boxed jobs); rerun to resume, same schedule
   c.optim = ml_collections.ConfigDict(dict(
       lr=2e-3, end_lr=0.0, warmup_steps=0, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
       clip_norm=1.0, accum_steps=1))

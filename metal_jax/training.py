@@ -147,6 +147,23 @@ def restore_checkpoint(mngr: ocp.CheckpointManager, step: int, abstract_state) -
   return restored['state'], restored['data']
 
 
+def restore_trainable(workdir: str, lm_config, pgm_cfg: pgm.PGMConfig, optim_cfg: OptimConfig,
+                      step: int | None = None) -> tuple[dict, int]:
+  """The trainable pytree of a run's checkpoint (the latest, or `step`), for evaluation/serving."""
+  directory = os.path.join(workdir, 'checkpoints')
+  mngr = ocp.CheckpointManager(os.path.abspath(directory), item_names=('state', 'data', 'config'),
+                               options=ocp.CheckpointManagerOptions(read_only=True))
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f'{directory}: no checkpoint to evaluate (run train.py first)')
+  tx = make_optimizer(optim_cfg, 1)
+  abstract = jax.eval_shape(
+      lambda: init_state(pgm.init_trainable(jax.random.key(0), lm_config, pgm_cfg), tx))
+  state, _ = restore_checkpoint(mngr, step, abstract)
+  mngr.close()
+  return state['trainable'], step
+
+
 def abstract_like(tree, shardings=None):
   """ShapeDtypeStructs (with shardings) to restore into."""
   if shardings is None:
@@ -281,7 +298,10 @@ def train(config, workdir: str) -> dict:
              dynamic_ncols=True, disable=not lead or not config.progress)
   window_tokens, window_t, last = 0, time.perf_counter(), {}
   compile_s = None
+  stop = min(config.stop_at, steps) if config.stop_at else steps
   for s in bar:
+    if s >= stop:  # a time-boxed job: stop here, resume later with the same config
+      break
     local = next(sampler)
     batch = sharding.global_batch(local, mesh)
     t0 = time.perf_counter()
@@ -291,8 +311,8 @@ def train(config, workdir: str) -> dict:
       compile_s = time.perf_counter() - t0
       window_t = time.perf_counter()
     window_tokens += int(local['pgm_mask'].sum() + local['lm_mask'].sum()) * jax.process_count()
-    save_checkpoint(mngr, s + 1, state, sampler.state(), cfg_json, force=s + 1 == steps)
-    if (s + 1) % config.log_every == 0 or s + 1 == steps:
+    save_checkpoint(mngr, s + 1, state, sampler.state(), cfg_json, force=s + 1 == stop)
+    if (s + 1) % config.log_every == 0 or s + 1 == stop:
       metrics = jax.device_get(metrics)
       dt = time.perf_counter() - window_t
       last = {**{k: float(v) for k, v in metrics.items()},

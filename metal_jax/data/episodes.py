@@ -76,13 +76,6 @@ def concat_examples(task: TokenizedTask, idx: Sequence[int], with_outputs: bool 
   return np.concatenate(parts) if parts else np.zeros((0,), np.int32)
 
 
-def lm_context(task: TokenizedTask, demos: Sequence[int], query: int) -> np.ndarray:
-  """X^L followed by the query's input x (before y)."""
-  demo = concat_examples(task, demos)
-  x = task.input_rest[query] if len(demos) else task.input_first[query]
-  return np.concatenate([demo, x])
-
-
 def left_truncate(x: np.ndarray, n: int) -> np.ndarray:
   return x[len(x) - n:] if len(x) > n else x
 
@@ -94,13 +87,20 @@ class Episode:
   target: np.ndarray  # y
 
 
+def build_episode(pgm_tokens: np.ndarray, demo_tokens: np.ndarray, x_first: np.ndarray,
+                  x_rest: np.ndarray, y: np.ndarray, spec: EpisodeSpec) -> Episode:
+  """Cuts X^P and (X^L, x) from the left to fit the model; x is bare when X^L is empty."""
+  x = x_rest if len(demo_tokens) else x_first
+  ctx = left_truncate(np.concatenate([demo_tokens, x]), spec.lm_budget - len(y))
+  return Episode(left_truncate(pgm_tokens, spec.pgm_budget), ctx, y)
+
+
 def make_episode(task: TokenizedTask, prompt_idx: Sequence[int], demo_idx: Sequence[int],
-                 query: int, spec: EpisodeSpec, target: np.ndarray | None = None) -> Episode:
-  """One episode's token sequences, cut from the left to fit the model."""
-  y = task.output_ids[query] if target is None else target
-  pgm = left_truncate(concat_examples(task, prompt_idx), spec.pgm_budget)
-  ctx = left_truncate(lm_context(task, demo_idx, query), spec.lm_budget - len(y))
-  return Episode(pgm, ctx, y)
+                 query: int, spec: EpisodeSpec) -> Episode:
+  """One meta-training episode, all examples from `task`."""
+  return build_episode(concat_examples(task, prompt_idx), concat_examples(task, demo_idx),
+                       task.input_first[query], task.input_rest[query], task.output_ids[query],
+                       spec)
 
 
 def collate(episodes: Sequence[Episode], spec: EpisodeSpec, pgm_len: int, lm_len: int,
@@ -117,24 +117,27 @@ def collate(episodes: Sequence[Episode], spec: EpisodeSpec, pgm_len: int, lm_len
       'target_mask': np.zeros((b, target_len), np.int32),
   }
   for i, ep in enumerate(episodes):
-    n = len(ep.pgm_tokens)
-    out['pgm_ids'][i, pgm_len - p - n:pgm_len - p] = ep.pgm_tokens
-    out['pgm_mask'][i, pgm_len - p - n:] = 1
-    seq = np.concatenate([ep.lm_context, ep.target])
-    out['lm_ids'][i, :len(seq)] = seq
-    out['lm_mask'][i, :len(seq)] = 1
-    ny = len(ep.target)
-    out['target_pos'][i, :ny] = len(ep.lm_context) - 1 + np.arange(ny)
-    out['target_ids'][i, :ny] = ep.target
-    out['target_mask'][i, :ny] = 1
+    if pgm_len:  # 0: no PGM input (scoring)
+      n = len(ep.pgm_tokens)
+      out['pgm_ids'][i, pgm_len - p - n:pgm_len - p] = ep.pgm_tokens
+      out['pgm_mask'][i, pgm_len - p - n:] = 1
+    if lm_len:  # 0: no LM input (prompt generation)
+      seq = np.concatenate([ep.lm_context, ep.target])
+      out['lm_ids'][i, :len(seq)] = seq
+      out['lm_mask'][i, :len(seq)] = 1
+      ny = len(ep.target)
+      out['target_pos'][i, :ny] = len(ep.lm_context) - 1 + np.arange(ny)
+      out['target_ids'][i, :ny] = ep.target
+      out['target_mask'][i, :ny] = 1
   return out
 
 
 def batch_shapes(episodes: Sequence[Episode], spec: EpisodeSpec) -> tuple[int, int, int]:
   """Bucketed (pgm_len, lm_len, target_len) that fit every episode."""
-  buckets = spec.length_buckets()
+  buckets = spec.length_buckets()  # up to max_len: X^P + the P slots
+  lm_buckets = tuple(b for b in buckets if b < spec.lm_budget) + (spec.lm_budget,)  # + prompt
   pgm = bucket(max(len(e.pgm_tokens) for e in episodes) + spec.prompt_len, buckets)
-  lm = bucket(max(len(e.lm_context) + len(e.target) for e in episodes), buckets)
+  lm = bucket(max(len(e.lm_context) + len(e.target) for e in episodes), lm_buckets)
   tgt = bucket(max(len(e.target) for e in episodes), spec.target_buckets + (spec.lm_budget,))
   return pgm, lm, tgt
 

@@ -87,8 +87,8 @@ VOCAB = (EOS, UNK, NEWLINE) + LABEL_WORDS + CONTENT_WORDS + FILLER_WORDS
 FAMILIES = ('kw_cls', 'first_word')
 N_CLASSES = (2, 3, 4)
 KEYS_PER_CLASS = (2, 3)  # triggers (kw_cls) or cues (first_word) per class
-KW_FILLER_LEN = (4, 7)  # inclusive range of filler words around the trigger
-FW_REST_LEN = (3, 6)  # inclusive range of words after the cue
+KW_FILLER_LEN = (1, 3)  # inclusive range of filler words around the trigger
+FW_REST_LEN = (2, 3)  # inclusive range of words after the cue
 FW_DISTRACTOR_P = 0.25  # chance that a word after the cue is another class's cue
 
 

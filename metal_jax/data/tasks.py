@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -131,12 +132,19 @@ def _tokenize_batch(batch, tokenizer, max_example_len):
     answer.append(opts.index(gold) if opts else -1)
     pos += len(opts)
 
-  def cut(x, y):
-    keep = max(max_example_len - len(y), 0)
-    return x[len(x) - keep:] if len(x) > keep else x
+  sep = enc(['\n\n\n'])[0]
+
+  def cut(x, y, keep_prefix=0):
+    """Drops input tokens from the left (after a kept separator) so input + output fit."""
+    keep = max(max_example_len - len(y) - keep_prefix, 0)
+    head, body = x[:keep_prefix], x[keep_prefix:]
+    return head + (body[len(body) - keep:] if len(body) > keep else body)
+
+  def sep_len(x):  # the separator's tokens, when the tokenizer kept them apart from the input
+    return len(sep) if x[:len(sep)] == sep else 0
 
   return {'input_first': [cut(x, y) for x, y in zip(first, out_ids)],
-          'input_rest': [cut(x, y) for x, y in zip(rest, out_ids)],
+          'input_rest': [cut(x, y, sep_len(x)) for x, y in zip(rest, out_ids)],
           'output_ids': [y[:max_example_len] for y in out_ids],
           'option_ids': options, 'answer': answer}
 
@@ -172,12 +180,20 @@ def load_tokenized(path: str, tokenizer, cache_dir: str, max_example_len: int = 
     raise DataError(f'{path}: task file not found')
   key = f'{_file_digest(path)}-{tokenizer_fingerprint(tokenizer)}-{max_example_len}'
   cache_file = os.path.join(cache_dir, f'{Path(path).stem}-{key}.arrow')
-  if not os.path.exists(cache_file):
-    validate_jsonl(path)  # only files that pass ever reach the cache
-    os.makedirs(cache_dir, exist_ok=True)
+  if os.path.exists(cache_file):
+    return TokenizedTask(path, datasets.Dataset.from_file(cache_file).to_dict())
+  validate_jsonl(path)  # only files that pass ever reach the cache
+  os.makedirs(cache_dir, exist_ok=True)
+  # datasets' own JSON cache is keyed by path and mtime, not content: give it a directory per
+  # content key so that a file rewritten with its old mtime is never served stale.
   ds = datasets.load_dataset('json', data_files=path, split='train',
-                             cache_dir=os.path.join(cache_dir, 'json'))
-  ds = ds.map(_tokenize_batch, batched=True, batch_size=1024, cache_file_name=cache_file,
-              load_from_cache_file=True, new_fingerprint=key,
+                             cache_dir=os.path.join(cache_dir, 'json', key))
+  tmp = cache_file + '.tmp'
+  ds = ds.map(_tokenize_batch, batched=True, batch_size=1024, cache_file_name=tmp,
+              load_from_cache_file=False, new_fingerprint=key,
               fn_kwargs={'tokenizer': tokenizer, 'max_example_len': max_example_len})
-  return TokenizedTask(path, ds.to_dict())
+  columns = ds.to_dict()
+  del ds
+  os.replace(tmp, cache_file)
+  shutil.rmtree(os.path.join(cache_dir, 'json', key), ignore_errors=True)
+  return TokenizedTask(path, columns)

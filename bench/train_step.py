@@ -1,0 +1,107 @@
+"""Times the jitted meta-training step after compilation.
+
+Prints tokens/s, step time, and achieved FLOP/s (XLA's cost analysis of the
+compiled step) as a fraction of this machine's matmul peak, measured in the
+same run with a large float32 matmul.
+
+  python bench/train_step.py                                  # the default config, its workdir
+  python bench/train_step.py --config.batch_size=32 --steps=20
+  python bench/train_step.py --config=configs/gpt2_xl_cls2cls.py --config.data_dir=... --config.model=...
+
+The default config's built-in LM is pretrained (or reused) in --workdir first.
+"""
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from metal_jax import experiment, pgm, sharding, training  # noqa: E402
+from metal_jax.data.episodes import EpisodeSampler  # noqa: E402
+
+config_flags.DEFINE_config_file('config', 'configs/default.py', 'experiment config')
+flags.DEFINE_string('workdir', 'runs/bench', 'where the data / built-in base LM go')
+flags.DEFINE_integer('steps', 10, 'timed steps (after one compile step)')
+flags.DEFINE_integer('matmul', 2048, 'size n of the n x n x n float32 matmul that measures peak')
+FLAGS = flags.FLAGS
+
+
+def matmul_peak(n: int, reps: int = 10) -> float:
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  t = time.perf_counter()
+  for _ in range(reps):
+    out = f(a)
+  out.block_until_ready()
+  return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  workdir = FLAGS.workdir
+  experiment.validate(config)
+  data_dir, setting = experiment.data_location(config, workdir)
+  tokenizer = experiment.tokenizer_for(config, workdir)
+  tasks = experiment.meta_train_tasks(config, data_dir, setting, tokenizer, workdir)
+  ckpt = experiment.model_source(config, workdir, tokenizer, tasks)
+  mesh = sharding.make_mesh(config.mesh.to_dict())
+  lm, param_sh = experiment.load_model(config, ckpt, mesh)
+  pgm_cfg = experiment.pgm_config(config)
+  spec = experiment.episode_spec(config, lm.config)
+  sampler = EpisodeSampler(tasks, spec, config.batch_size, config.seed)
+  tx = training.make_optimizer(experiment.optim_config(config), 1000)
+  state = training.init_state(pgm.init_trainable(jax.random.key(0), lm.config, pgm_cfg), tx)
+  state = jax.device_put(state, sharding.replicated(mesh))
+  step = training.jit_train_step(
+      training.make_train_step(pgm_cfg, lm.module, tx, config.optim.accum_steps), mesh,
+      param_sh, state)
+  rng = jax.random.key(1)
+
+  # One batch shape for every timed step, so only one compilation is measured out.
+  local = sampler.batch(0)
+  batch = sharding.global_batch(local, mesh)
+  tokens = int(local['pgm_mask'].sum() + local['lm_mask'].sum())
+  padded = sum(int(np.prod(v.shape)) for k, v in local.items() if k in ('pgm_ids', 'lm_ids'))
+  t = time.perf_counter()
+  compiled = step.lower(state, lm.params, batch, rng).compile()
+  compile_s = time.perf_counter() - t
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get('flops', 0.0))
+  state, m = compiled(state, lm.params, batch, rng)
+  jax.block_until_ready(m)
+  times = []
+  for _ in range(FLAGS.steps):
+    t = time.perf_counter()
+    state, m = compiled(state, lm.params, batch, rng)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t)
+  step_s = float(np.median(times))
+  peak = matmul_peak(FLAGS.matmul)
+  achieved = flops / step_s
+  print(f'command: python bench/train_step.py {" ".join(sys.argv[1:])}')
+  print(f'devices: {jax.device_count()} x {jax.devices()[0].platform}; mesh {dict(mesh.shape)}')
+  print(f'model: {lm.config.model_type} d={lm.config.d_model} L={lm.config.n_layers}; '
+        f'design={pgm_cfg.design} P={pgm_cfg.prompt_len} dtype={config.dtype}')
+  print(f'batch: {config.batch_size} episodes; PGM {local["pgm_ids"].shape[1]} + '
+        f'LM {local["lm_ids"].shape[1]} tokens a row; {tokens} real / {padded} padded tokens')
+  print(f'compile: {compile_s:.1f} s')
+  print(f'step time (median of {FLAGS.steps}): {step_s * 1e3:.1f} ms')
+  print(f'tokens/s: {tokens / step_s:,.0f} real, {padded / step_s:,.0f} padded')
+  print(f'step FLOPs (XLA cost analysis): {flops / 1e9:.2f} GFLOP -> '
+        f'{achieved / 1e9:.1f} GFLOP/s')
+  print(f'matmul peak ({FLAGS.matmul}^3 float32): {peak / 1e9:.1f} GFLOP/s -> '
+        f'{100 * achieved / peak:.1f}% of peak')
+
+
+if __name__ == '__main__':
+  app.run(main)

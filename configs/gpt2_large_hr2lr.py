@@ -1,0 +1,7 @@
+"""The paper's gpt2_large hr2lr meta-training run; `--config=configs/gpt2_large_hr2lr.py:12,4` for the (12, 4) split."""
+
+from metal_jax.paper_configs import paper_config
+
+
+def get_config(split=None):
+  return paper_config('gpt2_large', 'hr2lr', split)

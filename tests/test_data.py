@@ -1,0 +1,575 @@
+"""Task files, settings, the tokenised cache, MetaICL's direct format, and meta-training episodes.
+
+Everything runs on the built-in synthetic tokenizer and a tiny synthetic suite (no downloads).
+Expected token sequences are rebuilt here from the raw strings with the tokenizer, independently
+of the library's concatenation code.
+"""
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+
+from metal_jax.data import synthetic as S
+from metal_jax.data.episodes import EpisodeSampler, EpisodeSpec
+from metal_jax.data.tasks import (DataError, load_setting, load_tokenized, meta_train_file,
+                                  task_file, validate_jsonl)
+
+SEP, NL = '\n\n\n', '\n'
+NL_ID = 2  # synthetic tokenizer: id of "\n"
+BATCH_KEYS = ('pgm_ids', 'pgm_mask', 'lm_ids', 'lm_mask', 'target_pos', 'target_ids',
+              'target_mask')
+SETTING_COUNTS = {'cls2cls': (43, 20), 'hr2lr': (61, 26), 'qa2qa': (37, 22)}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def write_lines(path, lines):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'w', encoding='utf-8') as f:
+    f.write(''.join(line + '\n' for line in lines))
+  return str(path)
+
+
+def ex(inp, out, options, task='t'):
+  return json.dumps({'task': task, 'input': inp, 'output': out, 'options': options})
+
+
+GOOD = [ex('the cat is here', 'red', ['red', 'blue']),
+        ex('a dog was there', 'blue', ['red', 'blue']),
+        ex('my horse and the cow', 'red', ['red', 'blue'])]
+
+
+def arrow_files(d):
+  return [os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs if f.endswith('.arrow')]
+
+
+class CountingTokenizer:
+  """Forwards everything to the wrapped tokenizer; counts calls to it."""
+
+  def __init__(self, tok):
+    self._tok = tok
+    self.calls = 0
+
+  def __call__(self, *args, **kwargs):
+    self.calls += 1
+    return self._tok(*args, **kwargs)
+
+  def __getattr__(self, name):
+    return getattr(self._tok, name)
+
+
+@pytest.fixture(scope='module')
+def tok():
+  return S.build_tokenizer()
+
+
+@pytest.fixture(scope='module')
+def enc(tok):
+  return lambda s: list(tok(s, add_special_tokens=False)['input_ids'])
+
+
+@pytest.fixture(scope='module')
+def suite(tmp_path_factory, tok):
+  """A tiny synthetic suite and its meta-training tasks, tokenised."""
+  d = str(tmp_path_factory.mktemp('suite'))
+  setting = S.write_suite(d, seed=0, n_train_tasks=4, n_test_tasks=2, n_train_examples=40,
+                          n_test_examples=8)
+  cache = str(tmp_path_factory.mktemp('cache'))
+  tasks = [load_tokenized(meta_train_file(d, t), tok, cache) for t in setting['train']]
+  for t in tasks:  # precondition for the distinctness checks below
+    pairs = list(zip(t.raw['input'], t.raw['output']))
+    assert len(set(pairs)) == len(pairs), f'{t.path}: duplicate examples in the synthetic suite'
+  return d, setting, tasks
+
+
+def expected_episode(tasks, enc, seed, step, i, spec):
+  """Episode i of `step` rebuilt from raw strings with the documented RNG rule.
+
+  Returns (task index, example indices, X^P tokens, X^L + x tokens, y tokens), untruncated.
+  """
+  n_p, n_l = spec.n_prompt_examples, spec.n_lm_examples
+  rng = np.random.default_rng([seed, step, i])
+  t = int(rng.integers(len(tasks)))
+  idx = [int(e) for e in rng.choice(len(tasks[t]), n_p + n_l + 1, replace=False)]
+  raw = tasks[t].raw
+
+  def seq(ids):
+    out = []
+    for j, e in enumerate(ids):
+      out += enc(raw['input'][e] if j == 0 else SEP + raw['input'][e]) + enc(NL + raw['output'][e])
+    return out
+
+  q = idx[-1]
+  x = enc((SEP if n_l else '') + raw['input'][q])
+  return t, idx, seq(idx[:n_p]), seq(idx[n_p:n_p + n_l]) + x, enc(NL + raw['output'][q])
+
+
+def row_parts(b, i, prompt_len):
+  """(X^P tokens, LM context tokens, y tokens) of row i, read back through the masks."""
+  pgm_len = b['pgm_ids'].shape[1]
+  n_pgm = int(b['pgm_mask'][i].sum()) - prompt_len
+  pgm = b['pgm_ids'][i, pgm_len - prompt_len - n_pgm:pgm_len - prompt_len].tolist()
+  ny = int(b['target_mask'][i].sum())
+  n_lm = int(b['lm_mask'][i].sum())
+  lm = b['lm_ids'][i, :n_lm].tolist()
+  return pgm, lm[:n_lm - ny], lm[n_lm - ny:]
+
+
+# ----------------------------------------------------------------------------- 1. malformed data
+
+
+def test_bad_json_names_file_and_line(tmp_path):
+  p = write_lines(tmp_path / 'bad.jsonl', GOOD[:2] + ['{"task": "t", "input": oops}'] + GOOD[2:])
+  with pytest.raises(DataError) as e:
+    validate_jsonl(p)
+  assert f'{p}:3' in str(e.value)
+
+
+def test_missing_key_names_file_line_and_key(tmp_path):
+  bad = json.dumps({'task': 't', 'input': 'the cat', 'output': 'red'})
+  p = write_lines(tmp_path / 'nokey.jsonl', [GOOD[0], bad, GOOD[1]])
+  with pytest.raises(DataError) as e:
+    validate_jsonl(p)
+  msg = str(e.value)
+  assert f'{p}:2' in msg and 'options' in msg
+
+
+def test_output_not_among_options_names_line(tmp_path):
+  p = write_lines(tmp_path / 'badout.jsonl', [GOOD[0], ex('the cat', 'green', ['red', 'blue'])])
+  with pytest.raises(DataError) as e:
+    validate_jsonl(p)
+  msg = str(e.value)
+  assert f'{p}:2' in msg and 'green' in msg
+
+
+def test_empty_and_missing_file_name_the_file(tmp_path):
+  p = write_lines(tmp_path / 'empty.jsonl', [])
+  with pytest.raises(DataError, match=re.escape(p)):
+    validate_jsonl(p)
+  missing = str(tmp_path / 'nope' / 'nope_16_100_train.jsonl')
+  with pytest.raises(DataError, match=re.escape(missing)):
+    validate_jsonl(missing)
+
+
+def test_validate_counts_examples(tmp_path):
+  p = write_lines(tmp_path / 'good.jsonl', GOOD)
+  assert validate_jsonl(p) == 3
+
+
+def test_load_tokenized_validates_before_caching(tmp_path, tok):
+  cache = str(tmp_path / 'cache')
+  p = write_lines(tmp_path / 'bad.jsonl', GOOD[:2] + ['{not json'])
+  with pytest.raises(DataError) as e:
+    load_tokenized(p, tok, cache)
+  assert f'{p}:3' in str(e.value)
+  p2 = write_lines(tmp_path / 'badout.jsonl', [ex('the cat', 'green', ['red', 'blue'])])
+  with pytest.raises(DataError) as e:
+    load_tokenized(p2, tok, cache)
+  assert f'{p2}:1' in str(e.value)
+  missing = str(tmp_path / 'missing.jsonl')
+  with pytest.raises(DataError, match=re.escape(missing)):
+    load_tokenized(missing, tok, cache)
+  assert arrow_files(cache) == [], 'a malformed file reached the tokenised cache'
+
+
+def test_file_names_follow_metaicl(tmp_path):
+  d = str(tmp_path)
+  assert task_file(d, 'glue-sst2', 16, 42, 'test') == os.path.join(
+      d, 'glue-sst2', 'glue-sst2_16_42_test.jsonl')
+  assert meta_train_file(d, 'ag_news') == os.path.join(d, 'ag_news', 'ag_news_16384_100_train.jsonl')
+
+
+# ----------------------------------------------------------------------------- 2. settings
+
+
+@pytest.mark.parametrize('name', sorted(SETTING_COUNTS))
+def test_shipped_settings(name):
+  s = load_setting(name)
+  n_train, n_test = SETTING_COUNTS[name]
+  assert (len(s['train']), len(s['test'])) == (n_train, n_test)
+  assert len(set(s['train'])) == n_train and len(set(s['test'])) == n_test
+  assert not set(s['train']) & set(s['test'])
+
+
+def test_overlapping_setting_names_tasks_and_file(tmp_path):
+  p = tmp_path / 'overlap.json'
+  p.write_text(json.dumps({'train': ['a', 'b', 'c', 'd'], 'test': ['d', 'e', 'b']}))
+  with pytest.raises(DataError) as e:
+    load_setting(str(p))
+  msg = str(e.value)
+  assert str(p) in msg and "'b'" in msg and "'d'" in msg
+  assert "'a'" not in msg and "'e'" not in msg
+
+
+def test_setting_missing_test_key(tmp_path):
+  p = tmp_path / 'notest.json'
+  p.write_text(json.dumps({'train': ['a', 'b']}))
+  with pytest.raises(DataError) as e:
+    load_setting(str(p))
+  msg = str(e.value)
+  assert str(p) in msg and ('"test"' in msg or "'test'" in msg)
+
+
+def test_unknown_setting_lists_known():
+  with pytest.raises(DataError) as e:
+    load_setting('cls2lr_nonexistent')
+  msg = str(e.value)
+  assert 'cls2lr_nonexistent' in msg
+  for name in SETTING_COUNTS:
+    assert name in msg
+
+
+# ----------------------------------------------------------------------------- 3. tokenised cache
+
+
+def _fields(t):
+  return {'input_first': t.input_first, 'input_rest': t.input_rest, 'output_ids': t.output_ids,
+          'option_ids': t.option_ids}
+
+
+def assert_same_task(a, b):
+  assert len(a) == len(b)
+  for name, xs in _fields(a).items():
+    ys = _fields(b)[name]
+    for x, y in zip(xs, ys):
+      if name == 'option_ids':
+        assert len(x) == len(y) and all(np.array_equal(u, v) for u, v in zip(x, y)), name
+      else:
+        assert np.array_equal(x, y), name
+  assert np.array_equal(a.answer, b.answer)
+  assert a.raw == b.raw
+
+
+def test_cache_hit_does_not_tokenise(tmp_path, tok):
+  cache = str(tmp_path / 'cache')
+  p = write_lines(tmp_path / 't' / 't_16_100_train.jsonl', GOOD)
+  first = CountingTokenizer(tok)
+  a = load_tokenized(p, first, cache)
+  assert first.calls > 0
+  assert arrow_files(cache)
+  second = CountingTokenizer(tok)
+  b = load_tokenized(p, second, cache)
+  assert second.calls == 0, f'the cached file was tokenised again ({second.calls} calls)'
+  assert_same_task(a, b)
+
+
+def test_changed_content_invalidates_cache(tmp_path, tok, enc):
+  cache = str(tmp_path / 'cache')
+  p = write_lines(tmp_path / 't' / 't_16_100_train.jsonl', GOOD)
+  a = load_tokenized(p, tok, cache)
+  assert a.raw['input'][0] == 'the cat is here'
+  write_lines(p, [ex('some owl flew over the lake', 'blue', ['red', 'blue'])] + GOOD[1:])
+  counting = CountingTokenizer(tok)
+  b = load_tokenized(p, counting, cache)
+  assert counting.calls > 0
+  assert b.raw['input'][0] == 'some owl flew over the lake'
+  assert b.input_first[0].tolist() == enc('some owl flew over the lake')
+  assert b.output_ids[0].tolist() == enc('\nblue') and b.answer[0] == 1
+
+
+def test_changed_content_with_same_mtime_invalidates_cache(tmp_path, tok, enc):
+  """The cache is documented as keyed by the file's content, so a content change must be seen
+  even when the file's modification time is unchanged (cp -p, rsync -a, tar, coarse clocks)."""
+  cache = str(tmp_path / 'cache')
+  p = write_lines(tmp_path / 't' / 't_16_100_train.jsonl', GOOD)
+  st = os.stat(p)
+  load_tokenized(p, tok, cache)
+  write_lines(p, [ex('some owl flew over the lake', 'blue', ['red', 'blue'])] + GOOD[1:])
+  os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+  b = load_tokenized(p, tok, cache)
+  assert b.raw['input'][0] == 'some owl flew over the lake'
+  assert b.input_first[0].tolist() == enc('some owl flew over the lake')
+
+
+# ----------------------------------------------------------------------------- 4. direct format
+
+
+HAND = [
+    ('the cat is here', 'red', ['red', 'blue']),
+    ('a dog and a fox', 'green', ['red', 'blue', 'green']),
+    ('my apple', 'teal', ['gold', 'teal', 'navy', 'plum']),
+    ('where is the bus', 'blue', ['red', 'blue']),
+]
+
+
+def test_direct_format_by_hand(tmp_path, tok, enc):
+  p = write_lines(tmp_path / 'hand' / 'hand_16_100_train.jsonl', [ex(*h) for h in HAND])
+  t = load_tokenized(p, tok, str(tmp_path / 'cache'))
+  assert len(t) == len(HAND) and t.path == p
+  for i, (inp, out, opts) in enumerate(HAND):
+    assert t.input_first[i].tolist() == enc(inp)
+    assert t.input_rest[i].tolist() == enc(SEP + inp)
+    assert t.input_rest[i].tolist()[:3] == [NL_ID] * 3
+    assert t.output_ids[i].tolist() == enc(NL + out)
+    assert [o.tolist() for o in t.option_ids[i]] == [enc(NL + o) for o in opts]
+    assert t.answer[i] == opts.index(out)
+    assert t.input_first[i].dtype == np.int32 and t.output_ids[i].dtype == np.int32
+  assert t.raw == {'input': [h[0] for h in HAND], 'output': [h[1] for h in HAND],
+                   'options': [h[2] for h in HAND]}
+  assert 1 not in np.concatenate(t.input_first)  # no [UNK]: the words are in the vocabulary
+  t.truncate(2)
+  assert len(t) == 2 and len(t.answer) == 2 and t.raw['output'] == ['red', 'green']
+
+
+LONG = ' '.join(['the', 'cat', 'was', 'in', 'a', 'garden', 'with', 'the', 'dog', 'and', 'an',
+                 'owl', 'on', 'the', 'tower'])  # 15 tokens
+
+
+def _long_task(tmp_path, tok, max_example_len):
+  p = write_lines(tmp_path / 'long' / 'long_16_100_train.jsonl',
+                  [ex(LONG, 'red', ['red', 'blue']), ex('the cat', 'blue', ['red', 'blue'])])
+  return load_tokenized(p, tok, str(tmp_path / 'cache'), max_example_len=max_example_len)
+
+
+def test_long_example_cut_from_left_of_input(tmp_path, tok, enc):
+  max_len = 8
+  t = _long_task(tmp_path, tok, max_len)
+  y = enc(NL + 'red')
+  assert t.output_ids[0].tolist() == y  # the output is never cut
+  keep = max_len - len(y)
+  assert t.input_first[0].tolist() == enc(LONG)[-keep:]  # the input's last tokens survive
+  assert len(t.input_first[0]) + len(y) == max_len
+  assert len(t.input_rest[0]) + len(y) <= max_len
+  rest = t.input_rest[0].tolist()
+  n_words = len([i for i in rest if i != NL_ID])
+  assert n_words > 0 and rest[-n_words:] == enc(LONG)[-n_words:]
+  # the short example is untouched
+  assert t.input_first[1].tolist() == enc('the cat')
+  assert t.input_rest[1].tolist() == enc(SEP + 'the cat')
+
+
+def test_long_example_keeps_three_newline_separator(tmp_path, tok, enc):
+  """Cutting the *input* must not remove the separator that precedes it: every example after the
+  first is "\\n\\n\\n" + input in MetaICL's direct format, or concatenated examples run together."""
+  max_len = 8
+  t = _long_task(tmp_path, tok, max_len)
+  keep = max_len - len(enc(NL + 'red'))
+  rest = t.input_rest[0].tolist()
+  assert rest[:3] == [NL_ID] * 3, f'input_rest lost its separator: {rest}'
+  assert rest == [NL_ID] * 3 + enc(LONG)[-(keep - 3):]
+
+
+# ----------------------------------------------------------------------------- 5. episodes
+
+SPEC = EpisodeSpec(n_prompt_examples=4, n_lm_examples=2, prompt_len=5, max_len=256)
+SEED = 7
+
+
+def test_batch_layout_and_hand_rebuilt_episodes(suite, enc):
+  _, _, tasks = suite
+  b_size, p = 6, SPEC.prompt_len
+  sampler = EpisodeSampler(tasks, SPEC, batch_size=b_size, seed=SEED)
+  step = 3
+  b = sampler.batch(step)
+  assert set(b) == set(BATCH_KEYS)
+  for k in BATCH_KEYS:
+    assert b[k].dtype == np.int32 and b[k].shape[0] == b_size
+  pgm_len, lm_len = b['pgm_ids'].shape[1], b['lm_ids'].shape[1]
+  y_len = b['target_ids'].shape[1]
+  assert b['pgm_mask'].shape == (b_size, pgm_len) and b['lm_mask'].shape == (b_size, lm_len)
+  assert b['target_pos'].shape == b['target_mask'].shape == (b_size, y_len)
+  for i in range(b_size):
+    _, _, xp, ctx, y = expected_episode(tasks, enc, SEED, step, i, SPEC)
+    assert len(xp) + p <= SPEC.max_len and len(ctx) + len(y) <= SPEC.lm_budget  # no cutting here
+    n = len(xp)
+    # PGM: left padding, X^P, then exactly P slots at the end
+    assert b['pgm_ids'][i].tolist()[:pgm_len - p] == [0] * (pgm_len - p - n) + xp
+    assert b['pgm_mask'][i].tolist() == [0] * (pgm_len - p - n) + [1] * (n + p)
+    assert b['pgm_mask'][i, -p:].all()
+    # LM: X^L + x + y, right-padded
+    seq = ctx + y
+    assert b['lm_ids'][i].tolist() == seq + [0] * (lm_len - len(seq))
+    assert b['lm_mask'][i].tolist() == [1] * len(seq) + [0] * (lm_len - len(seq))
+    # targets: exactly y's tokens, each predicted from the position before it
+    ny = len(y)
+    assert b['target_mask'][i].tolist() == [1] * ny + [0] * (y_len - ny)
+    assert b['target_ids'][i, :ny].tolist() == y
+    assert b['target_pos'][i, :ny].tolist() == list(range(len(ctx) - 1, len(seq) - 1))
+    m = b['target_mask'][i].astype(bool)
+    assert (b['lm_ids'][i][b['target_pos'][i][m] + 1] == b['target_ids'][i][m]).all()
+
+
+def test_query_is_bare_without_lm_demonstrations(suite, enc):
+  _, _, tasks = suite
+  spec = EpisodeSpec(n_prompt_examples=3, n_lm_examples=0, prompt_len=4, max_len=128)
+  b = EpisodeSampler(tasks, spec, batch_size=4, seed=1).batch(0)
+  for i in range(4):
+    t, idx, xp, ctx, y = expected_episode(tasks, enc, 1, 0, i, spec)
+    assert ctx == enc(tasks[t].raw['input'][idx[-1]])  # no separator before a first example
+    assert ctx[0] != NL_ID
+    assert row_parts(b, i, spec.prompt_len) == (xp, ctx, y)
+
+
+def _pairs(tok, ids):
+  """(input, output) pairs of an untruncated direct-format concatenation."""
+  text = ' '.join(tok.convert_ids_to_tokens(ids))
+  out = []
+  for chunk in text.split(' \n \n \n '):
+    inp, outp = chunk.split(' \n ')
+    out.append((inp, outp))
+  return out
+
+
+def test_episode_examples_distinct_and_from_one_task(suite, tok):
+  _, _, tasks = suite
+  task_pairs = [set(zip(t.raw['input'], t.raw['output'])) for t in tasks]
+  sampler = EpisodeSampler(tasks, SPEC, batch_size=8, seed=SEED)
+  seen_tasks = set()
+  for step in range(4):
+    b = sampler.batch(step)
+    for i in range(8):
+      pgm, ctx, y = row_parts(b, i, SPEC.prompt_len)
+      pairs = _pairs(tok, pgm) + _pairs(tok, ctx + y)
+      assert len(pairs) == SPEC.n_prompt_examples + SPEC.n_lm_examples + 1
+      assert len(set(pairs)) == len(pairs), f'step {step} row {i}: repeated example'
+      owners = [k for k, s in enumerate(task_pairs) if set(pairs) <= s]
+      assert len(owners) == 1, f'step {step} row {i}: examples not from one task'
+      seen_tasks.add(owners[0])
+  assert len(seen_tasks) > 1  # the episodes do draw different tasks
+
+
+# ----------------------------------------------------------------------------- 6. determinism
+
+
+def assert_batches_equal(a, b):
+  assert set(a) == set(b)
+  for k in a:
+    assert a[k].shape == b[k].shape and np.array_equal(a[k], b[k]), k
+
+
+def test_batches_are_a_function_of_seed_and_step(suite):
+  _, _, tasks = suite
+  s1 = EpisodeSampler(tasks, SPEC, batch_size=4, seed=SEED)
+  s2 = EpisodeSampler(tasks, SPEC, batch_size=4, seed=SEED)
+  assert_batches_equal(s1.batch(5), s2.batch(5))
+  assert_batches_equal(s1.batch(2), s1.batch(2))
+  mine, other = s1.batch(5), EpisodeSampler(tasks, SPEC, batch_size=4, seed=SEED + 1).batch(5)
+  assert any(mine[k].shape != other[k].shape or not np.array_equal(mine[k], other[k])
+             for k in BATCH_KEYS)
+  assert not np.array_equal(s1.batch(0)['lm_ids'][:, :8], s1.batch(1)['lm_ids'][:, :8])
+
+
+def test_process_split_concatenates_to_global_batch(suite):
+  _, _, tasks = suite
+  b_size = 6
+  for step in (0, 4):
+    full = EpisodeSampler(tasks, SPEC, batch_size=b_size, seed=SEED).batch(step)
+    parts = [EpisodeSampler(tasks, SPEC, batch_size=b_size, seed=SEED, process_index=r,
+                            process_count=2).batch(step) for r in range(2)]
+    for part in parts:
+      for k in BATCH_KEYS:
+        assert part[k].shape == (b_size // 2,) + full[k].shape[1:], k
+    assert_batches_equal({k: np.concatenate([q[k] for q in parts]) for k in BATCH_KEYS}, full)
+
+
+def test_iteration_state_and_restore(suite):
+  _, _, tasks = suite
+  s = EpisodeSampler(tasks, SPEC, batch_size=2, seed=SEED)
+  assert s.state() == {'seed': SEED, 'step': 0}
+  got = [next(s) for _ in range(3)]
+  for step, b in enumerate(got):
+    assert_batches_equal(b, s.batch(step))
+  state = s.state()
+  assert state == {'seed': SEED, 'step': 3}
+  state = json.loads(json.dumps(state))  # survives a JSON round trip (checkpoints)
+  r = EpisodeSampler(tasks, SPEC, batch_size=2, seed=SEED)
+  r.restore(state)
+  assert_batches_equal(next(r), next(iter(s)))
+  assert_batches_equal(next(r), next(s))
+  assert r.state() == s.state() == {'seed': SEED, 'step': 5}
+  wrong = EpisodeSampler(tasks, SPEC, batch_size=2, seed=SEED + 1)
+  with pytest.raises(ValueError):
+    wrong.restore(state)
+
+
+# ----------------------------------------------------------------------------- 7. truncation
+
+SMALL = EpisodeSpec(n_prompt_examples=8, n_lm_examples=6, prompt_len=8, max_len=64)
+
+
+def test_truncation_fits_and_cuts_from_left(suite, enc):
+  _, _, tasks = suite
+  spec, b_size = SMALL, 8
+  budget = spec.max_len - spec.prompt_len
+  b = EpisodeSampler(tasks, spec, batch_size=b_size, seed=SEED).batch(0)
+  assert b['pgm_ids'].shape[1] <= spec.max_len
+  cut_pgm = cut_lm = 0
+  for i in range(b_size):
+    t, idx, xp, ctx, y = expected_episode(tasks, enc, SEED, 0, i, spec)
+    pgm, got_ctx, got_y = row_parts(b, i, spec.prompt_len)
+    assert len(pgm) + spec.prompt_len <= spec.max_len
+    assert len(got_ctx) + len(got_y) <= budget
+    assert int(b['lm_mask'][i].sum()) + spec.prompt_len <= spec.max_len
+    assert got_y == y  # y is never cut
+    assert pgm == xp[-budget:]  # X^P loses its first tokens
+    assert got_ctx == ctx[-(budget - len(y)):]  # X^L + x loses its first tokens
+    x = enc(SEP + tasks[t].raw['input'][idx[-1]])
+    assert got_ctx[-len(x):] == x  # the query's input survives whole (it is short)
+    cut_pgm += len(xp) > budget
+    cut_lm += len(ctx) + len(y) > budget
+  assert cut_pgm and cut_lm, 'the test needs episodes that are actually cut'
+
+
+def test_padded_lm_length_fits_with_prompt(suite):
+  """The LM runs on P prompt positions + lm_ids, so the padded lm_ids (not just its real tokens)
+  must fit in max_len - P: positions past the model's limit are out of range for the position
+  embeddings."""
+  _, _, tasks = suite
+  spec = SMALL
+  for step in range(3):
+    b = EpisodeSampler(tasks, spec, batch_size=8, seed=SEED).batch(step)
+    assert b['lm_ids'].shape[1] + spec.prompt_len <= spec.max_len, (
+        f'step {step}: lm_ids padded to {b["lm_ids"].shape[1]}, + prompt_len {spec.prompt_len} '
+        f'> max_len {spec.max_len} (real tokens: {int(b["lm_mask"].sum(1).max())})')
+    assert b['pgm_ids'].shape[1] <= spec.max_len
+
+
+# ----------------------------------------------------------------------------- 8. bucketing
+
+
+def test_shapes_come_from_buckets_and_are_few(suite):
+  _, _, tasks = suite
+  spec = SPEC
+  buckets = spec.length_buckets()
+  assert buckets == tuple(sorted(buckets)) and buckets[-1] == spec.max_len
+  s = EpisodeSampler(tasks, spec, batch_size=4, seed=SEED)
+  shapes = set()
+  for step in range(20):
+    b = s.batch(step)
+    pgm_len, lm_len, y_len = (b['pgm_ids'].shape[1], b['lm_ids'].shape[1],
+                              b['target_ids'].shape[1])
+    assert pgm_len in buckets and lm_len in buckets
+    assert y_len in spec.target_buckets + (spec.lm_budget,)
+    # the smallest bucket that fits
+    smaller = [x for x in buckets if x < pgm_len]
+    assert not smaller or int(b['pgm_mask'].sum(1).max()) > smaller[-1]
+    smaller = [x for x in buckets if x < lm_len]
+    assert not smaller or int(b['lm_mask'].sum(1).max()) > smaller[-1]
+    shapes.add((pgm_len, lm_len, y_len))
+  assert 1 <= len(shapes) <= 4, shapes
+
+
+def test_explicit_buckets_include_max_len():
+  spec = EpisodeSpec(max_len=100, buckets=(48, 16, 48))
+  assert spec.length_buckets() == (16, 48, 100)
+  assert EpisodeSpec(max_len=256).length_buckets() == (32, 64, 128, 256)
+
+
+# ----------------------------------------------------------------------------- 9. refusals
+
+
+def test_sampler_refuses_small_task_and_bad_batch_split(suite, tmp_path, tok):
+  _, _, tasks = suite
+  p = write_lines(tmp_path / 'tiny' / 'tiny_16384_100_train.jsonl', GOOD)  # 3 examples
+  tiny = load_tokenized(p, tok, str(tmp_path / 'cache'))
+  spec = EpisodeSpec(n_prompt_examples=2, n_lm_examples=1, prompt_len=4, max_len=128)  # needs 4
+  with pytest.raises(ValueError, match=re.escape(p)):
+    EpisodeSampler(tasks + [tiny], spec, batch_size=2, seed=0)
+  ok = EpisodeSpec(n_prompt_examples=1, n_lm_examples=1, prompt_len=4, max_len=128)  # needs 3
+  EpisodeSampler([tiny], ok, batch_size=2, seed=0).batch(0)
+  with pytest.raises(ValueError, match='divisible'):
+    EpisodeSampler(tasks, SPEC, batch_size=5, seed=0, process_index=0, process_count=2)
