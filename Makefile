@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test train clean
+.PHONY: install test train eval demo bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,18 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+train: $(STAMP)
+	$(PY) train.py
+
+eval: $(STAMP)
+	$(PY) eval.py
+
+# The main job on the built-in default (no downloads): meta-train, then evaluate on unseen tasks.
+demo: train eval
+
+bench: $(STAMP)
+	$(PY) bench/train_step.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -48,16 +48,9 @@ def main(argv):
   del argv
   config = FLAGS.config
   workdir = FLAGS.workdir
-  experiment.validate(config)
-  data_dir, setting = experiment.data_location(config, workdir)
-  tokenizer = experiment.tokenizer_for(config, workdir)
-  tasks = experiment.meta_train_tasks(config, data_dir, setting, tokenizer, workdir)
-  ckpt = experiment.model_source(config, workdir, tokenizer, tasks)
-  mesh = sharding.make_mesh(config.mesh.to_dict())
-  lm, param_sh = experiment.load_model(config, ckpt, mesh)
-  pgm_cfg = experiment.pgm_config(config)
-  spec = experiment.episode_spec(config, lm.config)
-  sampler = EpisodeSampler(tasks, spec, config.batch_size, config.seed)
+  run = experiment.setup(config, workdir)
+  mesh, lm, pgm_cfg, spec, param_sh = run.mesh, run.lm, run.pgm_cfg, run.spec, run.param_shardings
+  sampler = EpisodeSampler(run.tasks, spec, config.batch_size, config.seed)
   tx = training.make_optimizer(experiment.optim_config(config), 1000)
   state = training.init_state(pgm.init_trainable(jax.random.key(0), lm.config, pgm_cfg), tx)
   state = jax.device_put(state, sharding.replicated(mesh))

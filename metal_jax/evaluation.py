@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import zlib
 from collections import defaultdict
 from typing import Sequence
 
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from metal_jax import objective, pgm
+from metal_jax.baselines.common import spec_for
 from metal_jax.data.episodes import (EpisodeSpec, batch_shapes, build_episode, collate,
                                      concat_examples)
 from metal_jax.data.tasks import TokenizedTask
@@ -121,3 +123,224 @@ def _generate(cfg, module, params, trainable, ids, mask):
 
 __all__ = ['metaicl_f1', 'sklearn_f1', 'accuracy', 'metrics', 'score_options', 'predict',
            'prompt_for', 'dataclasses']
+
+
+# ----------------------------------------------------------------------------- the protocol
+
+BUILTIN_METHODS = ('zero_shot', 'icl', 'metal', 'metal_shuffled')
+
+
+@dataclasses.dataclass
+class TaskSeed:
+  """One test task under one seed: its 16 `_train` examples and its `_test` split."""
+  task: str
+  seed: int
+  train: TokenizedTask
+  test: TokenizedTask
+
+
+@dataclasses.dataclass
+class MethodOutput:
+  prompt: pgm.Prompt | None
+  demo_idx: list[int]  # X^L: examples of the task's train split shown to the LM
+  forward_passes: int = 0
+  backward_passes: int = 0
+  note: str = ''
+
+
+def load_task_seeds(data_dir: str, tasks: Sequence[str], seeds: Sequence[int], tokenizer,
+                    cache_dir: str, max_example_len: int, k: int = 16) -> list[TaskSeed]:
+  from metal_jax.data.tasks import DataError, load_tokenized, task_file
+  out = []
+  for task in tasks:
+    for seed in seeds:
+      train = load_tokenized(task_file(data_dir, task, k, seed, 'train'), tokenizer, cache_dir,
+                             max_example_len)
+      test = load_tokenized(task_file(data_dir, task, k, seed, 'test'), tokenizer, cache_dir,
+                            max_example_len)
+      if len(train) < k:
+        raise DataError(f'{train.path}: {len(train)} examples, the protocol needs {k}')
+      out.append(TaskSeed(task, seed, train, test))
+  return out
+
+
+def split_indices(n_prompt: int, n_lm: int, k: int = 16) -> tuple[list[int], list[int]]:
+  """The k train examples split into X^P (first n_P) and X^L (the next n_L)."""
+  if n_prompt + n_lm > k:
+    raise ValueError(f'split ({n_prompt}, {n_lm}) needs more than the {k} examples')
+  return list(range(n_prompt)), list(range(n_prompt, n_prompt + n_lm))
+
+
+def method_prompt(method: str, ts: TaskSeed, *, lm, pgm_cfg, trainable, spec: EpisodeSpec,
+                  split: tuple[int, int], others: dict, rng, hparams: dict) -> MethodOutput:
+  """The prompt (and demonstrations) a method gives the frozen LM for one task and seed."""
+  prompt_idx, demo_idx = split_indices(*split)
+  all_idx = list(range(min(len(ts.train), 16)))  # tuned baselines train on all 16 examples
+  if method == 'zero_shot':
+    return MethodOutput(None, [])
+  if method == 'icl':
+    return MethodOutput(None, all_idx)
+  if method in ('metal', 'metal_shuffled'):
+    source = ts.train if method == 'metal' else others[(ts.task, ts.seed)]
+    prompt = prompt_for(pgm_cfg, lm.module, lm.params, trainable, source, prompt_idx, spec)
+    return MethodOutput(prompt, demo_idx, forward_passes=1)
+  from metal_jax import baselines
+  if method not in baselines.METHODS:
+    raise ValueError(f'unknown method {method!r}')
+  init = None
+  if method == 'metal_tune':
+    init = prompt_for(pgm_cfg, lm.module, lm.params, trainable, ts.train, prompt_idx, spec)
+  res = baselines.METHODS[method](lm.module, lm.params, ts.train, all_idx, spec, rng=rng,
+                                  init_prompt=init, **hparams.get(method, {}))
+  extra = 1 if method == 'metal_tune' else 0  # the PGM pass that made the initial prompt
+  return MethodOutput(res.prompt, demo_idx, res.forward_passes + extra, res.backward_passes,
+                      res.note)
+
+
+def _mean_metrics(rows: Sequence[dict]) -> dict:
+  return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}
+
+
+def evaluate(lm, pgm_cfg, trainable, task_seeds: Sequence[TaskSeed], spec: EpisodeSpec,
+             methods: Sequence[str], split: tuple[int, int], out_dir: str, *,
+             hparams: dict | None = None, seed: int = 0, progress: bool = True) -> dict:
+  """Runs every method on every task and seed; writes predictions; returns results.json's content."""
+  import json
+  import os
+  import time
+
+  from tqdm import tqdm
+
+  hparams = hparams or {}
+  tasks = list(dict.fromkeys(ts.task for ts in task_seeds))
+  by_key = {(ts.task, ts.seed): ts for ts in task_seeds}
+  # The control: X^P taken from the next test task (same seed).
+  others = {(ts.task, ts.seed): by_key[(tasks[(tasks.index(ts.task) + 1) % len(tasks)], ts.seed)].train
+            for ts in task_seeds}
+  results = {'split': list(split), 'seeds': sorted({ts.seed for ts in task_seeds}),
+             'tasks': tasks, 'methods': {}}
+  bar = tqdm(total=len(methods) * len(tasks), desc='evaluate', dynamic_ncols=True,
+             disable=not progress)
+  for method in methods:
+    per_task, walls, fwd, bwd, notes = {}, [], [], [], set()
+    for task in tasks:
+      bar.set_postfix(method=method, task=task)
+      seeds = {}
+      for ts in (t for t in task_seeds if t.task == task):
+        rng = jax.random.key(zlib.crc32(f'{seed}/{method}/{task}/{ts.seed}'.encode()))
+        t0 = time.perf_counter()
+        out = method_prompt(method, ts, lm=lm, pgm_cfg=pgm_cfg, trainable=trainable, spec=spec,
+                            split=split, others=others, rng=rng, hparams=hparams)
+        jax.block_until_ready(out.prompt)
+        walls.append(time.perf_counter() - t0)
+        fwd.append(out.forward_passes)
+        bwd.append(out.backward_passes)
+        if out.note:
+          notes.add(out.note)
+        # A prompt longer than spec.prompt_len (BBTv2's 50) leaves fewer positions for the input.
+        spec_m = spec if out.prompt is None else spec_for(spec, out.prompt.length)
+        scores = score_options(lm.module, lm.params, out.prompt, ts.train, out.demo_idx, ts.test,
+                               spec_m)
+        preds = predict(scores, ts.test)
+        golds = list(ts.test.raw['output'])
+        seeds[str(ts.seed)] = metrics(preds, golds)
+        write_predictions(os.path.join(out_dir, 'predictions', method, f'{task}_{ts.seed}.jsonl'),
+                          ts.test, scores, preds)
+      per_task[task] = {'seeds': seeds, 'mean': _mean_metrics(list(seeds.values()))}
+      bar.update(1)
+    results['methods'][method] = {
+        'tasks': per_task,
+        'mean': _mean_metrics([v['mean'] for v in per_task.values()]),
+        'cost': {'forward_passes_per_task': float(np.mean(fwd)),
+                 'backward_passes_per_task': float(np.mean(bwd)),
+                 'median_wall_s_per_task': float(np.median(walls))},
+        'note': '; '.join(sorted(notes)),
+    }
+  bar.close()
+  return results
+
+
+def write_predictions(path: str, queries: TokenizedTask, scores, preds) -> None:
+  import json
+  import os
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'w') as f:
+    for q, (s, p) in enumerate(zip(scores, preds)):
+      f.write(json.dumps({'input': queries.raw['input'][q], 'options': queries.raw['options'][q],
+                          'scores': [float(x) for x in s], 'prediction': p,
+                          'gold': queries.raw['output'][q]}) + '\n')
+
+
+def recompute_from_predictions(out_dir: str, results: dict) -> dict:
+  """Per-method mean metrics recomputed from the per-example prediction files."""
+  import json
+  import os
+  out = {}
+  for method, r in results['methods'].items():
+    task_means = []
+    for task in r['tasks']:
+      rows = []
+      for seed in r['tasks'][task]['seeds']:
+        with open(os.path.join(out_dir, 'predictions', method, f'{task}_{seed}.jsonl')) as f:
+          ex = [json.loads(line) for line in f]
+        rows.append(metrics([e['prediction'] for e in ex], [e['gold'] for e in ex]))
+      task_means.append(_mean_metrics(rows))
+    out[method] = _mean_metrics(task_means)
+  return out
+
+
+METRIC_NAMES = {'metaicl_f1': 'MetaICL macro-F1', 'sklearn_f1': 'sklearn macro-F1',
+                'accuracy': 'accuracy'}
+
+
+def write_report(out_dir: str, results: dict) -> str:
+  """results.json, results.md (Table 2 / Table 4 shaped) and a bar chart of mean F1; returns the markdown."""
+  import json
+  import os
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, 'results.json'), 'w') as f:
+    json.dump(results, f, indent=2)
+  methods = list(results['methods'])
+  n_p, n_l = results['split']
+  lines = [f'# Unseen-task evaluation, (n_P, n_L) = ({n_p}, {n_l}), seeds {results["seeds"]}', '',
+           'Mean over tasks of the mean over seeds (percent). MetaICL macro-F1 averages over gold '
+           'classes only and gives a never-predicted class precision 1; sklearn macro-F1 is '
+           "scikit-learn's (zero_division=0).", '',
+           '| method | ' + ' | '.join(METRIC_NAMES.values()) + ' |',
+           '|---|' + '---|' * len(METRIC_NAMES)]
+  for m in methods:
+    mean = results['methods'][m]['mean']
+    lines.append(f'| {m} | ' + ' | '.join(f'{mean[k]:.2f}' for k in METRIC_NAMES) + ' |')
+  for name, why in results.get('not_implemented', {}).items():
+    lines.append(f'| {name} | not implemented: {why} |' + ' |' * (len(METRIC_NAMES) - 1))
+  lines += ['', '## MetaICL macro-F1 per task', '',
+            '| task | ' + ' | '.join(methods) + ' |', '|---|' + '---|' * len(methods)]
+  for task in results['tasks']:
+    lines.append(f'| {task} | ' + ' | '.join(
+        f'{results["methods"][m]["tasks"][task]["mean"]["metaicl_f1"]:.2f}' for m in methods) + ' |')
+  lines += ['', '## Cost per task (prompt construction; scoring excluded)', '',
+            '| method | LM forward passes | LM backward passes | median wall time (ms) | note |',
+            '|---|---|---|---|---|']
+  for m in methods:
+    c = results['methods'][m]['cost']
+    lines.append(f'| {m} | {c["forward_passes_per_task"]:.0f} | '
+                 f'{c["backward_passes_per_task"]:.0f} | {1e3 * c["median_wall_s_per_task"]:.1f} | '
+                 f'{results["methods"][m]["note"]} |')
+  md = '\n'.join(lines) + '\n'
+  with open(os.path.join(out_dir, 'results.md'), 'w') as f:
+    f.write(md)
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(1.2 * len(methods) + 2, 4))
+  vals = [results['methods'][m]['mean']['metaicl_f1'] for m in methods]
+  ax.bar(methods, vals, color='tab:blue')
+  for i, v in enumerate(vals):
+    ax.text(i, v + 0.5, f'{v:.1f}', ha='center', fontsize=8)
+  ax.set_ylabel('MetaICL macro-F1 (mean over tasks)')
+  ax.set_title(f'unseen tasks, (n_P, n_L) = ({n_p}, {n_l})')
+  plt.xticks(rotation=30, ha='right')
+  fig.tight_layout()
+  fig.savefig(os.path.join(out_dir, 'f1.png'), dpi=100)
+  plt.close(fig)
+  return md

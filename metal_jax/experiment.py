@@ -6,6 +6,7 @@ config error is raised here, at start-up, naming the field.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -124,6 +125,34 @@ def load_model(config, ckpt_dir: str, mesh) -> tuple[LoadedLM, object]:
   shardings = sharding.param_shardings(module_for(lm_cfg), mesh)
   lm = load_lm(ckpt_dir, shardings=shardings, **compute)
   return lm, shardings
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything a meta-training run (or a benchmark of its step) starts from."""
+  data_dir: str
+  setting: dict
+  tokenizer: object
+  tasks: list  # tokenised meta-train tasks
+  lm_dir: str
+  mesh: object
+  lm: LoadedLM  # the frozen LM, sharded on the mesh
+  param_shardings: object
+  pgm_cfg: pgm.PGMConfig
+  spec: EpisodeSpec
+
+
+def setup(config, workdir: str) -> Setup:
+  """Data, tokenizer, base LM (pretrained first if built in), mesh, sharded frozen params."""
+  validate(config)
+  data_dir, setting = data_location(config, workdir)
+  tokenizer = tokenizer_for(config, workdir)
+  tasks = meta_train_tasks(config, data_dir, setting, tokenizer, workdir)
+  lm_dir = model_source(config, workdir, tokenizer, tasks)
+  mesh = sharding.make_mesh(config.mesh.to_dict())
+  lm, param_sh = load_model(config, lm_dir, mesh)
+  return Setup(data_dir, setting, tokenizer, tasks, lm_dir, mesh, lm, param_sh,
+               pgm_config(config), episode_spec(config, lm.config))
 
 
 def config_json(config) -> dict:

@@ -164,6 +164,21 @@ def restore_trainable(workdir: str, lm_config, pgm_cfg: pgm.PGMConfig, optim_cfg
   return state['trainable'], step
 
 
+def restore_config(workdir: str, step: int | None = None) -> tuple[dict, int]:
+  """The config JSON a run saved with its checkpoint (the latest, or `step`)."""
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'{directory}: no checkpoints (run train.py --workdir={workdir} first)')
+  mngr = ocp.CheckpointManager(os.path.abspath(directory), item_names=('state', 'data', 'config'),
+                               options=ocp.CheckpointManagerOptions(read_only=True))
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f'{directory}: no checkpoint (run train.py --workdir={workdir} first)')
+  cfg = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
+  mngr.close()
+  return cfg, step
+
+
 def abstract_like(tree, shardings=None):
   """ShapeDtypeStructs (with shardings) to restore into."""
   if shardings is None:
@@ -246,20 +261,12 @@ def train(config, workdir: str) -> dict:
   from metal_jax import experiment
   from metal_jax.data.episodes import EpisodeSampler
 
-  experiment.validate(config)
   if config.distributed:
     jax.distributed.initialize()
   lead = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-
-  data_dir, setting = experiment.data_location(config, workdir)
-  tokenizer = experiment.tokenizer_for(config, workdir)
-  tasks = experiment.meta_train_tasks(config, data_dir, setting, tokenizer, workdir)
-  ckpt_dir = experiment.model_source(config, workdir, tokenizer, tasks)
-  mesh = sharding.make_mesh(config.mesh.to_dict())
-  lm, param_sh = experiment.load_model(config, ckpt_dir, mesh)
-  pgm_cfg = experiment.pgm_config(config)
-  spec = experiment.episode_spec(config, lm.config)
+  run = experiment.setup(config, workdir)
+  tasks, mesh, lm, spec, pgm_cfg = run.tasks, run.mesh, run.lm, run.spec, run.pgm_cfg
 
   sampler = EpisodeSampler(tasks, spec, config.batch_size, config.seed,
                            jax.process_index(), jax.process_count())
@@ -271,7 +278,8 @@ def train(config, workdir: str) -> dict:
   init_fn = lambda rng: init_state(pgm.init_trainable(rng, lm.config, pgm_cfg), tx)
   state = jax.jit(init_fn, out_shardings=rep)(jax.random.key(config.seed))
   step_fn = jit_train_step(
-      make_train_step(pgm_cfg, lm.module, tx, config.optim.accum_steps), mesh, param_sh, state)
+      make_train_step(pgm_cfg, lm.module, tx, config.optim.accum_steps), mesh, run.param_shardings,
+      state)
 
   mngr = checkpoint_manager(os.path.join(workdir, 'checkpoints'), config.save_every,
                             config.keep_checkpoints, async_save=config.async_checkpoints)
@@ -325,5 +333,5 @@ def train(config, workdir: str) -> dict:
   mngr.close()
   writer.close()
   return {'steps': steps, 'last': last, 'compile_s': compile_s, 'counts': counts,
-          'checkpoint_dir': str(mngr.directory), 'lm_dir': ckpt_dir}
+          'checkpoint_dir': str(mngr.directory), 'lm_dir': run.lm_dir}
 

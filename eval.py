@@ -1,0 +1,37 @@
+"""Evaluates a meta-trained PGM on the setting's unseen test tasks, with the paper's baselines.
+
+  python eval.py                               # the default run of train.py (runs/default)
+  python eval.py --workdir=runs/xl_cls2cls --split=12,4 --methods=metal,prefix_tuning
+
+Reads the run's config from its checkpoint, so the model, data and PGM settings
+are the ones it was trained with. Writes WORKDIR/eval/ (results.json, results.md,
+predictions/, f1.png), replacing an earlier eval/ only when this one completes.
+"""
+
+import logging
+
+from absl import app, flags
+
+from metal_jax import run_eval
+
+flags.DEFINE_string('workdir', 'runs/default', 'the train.py run to evaluate')
+flags.DEFINE_string('split', '', '(n_P, n_L) as "16,0", "12,4" or "8,8"; default: the training split')
+flags.DEFINE_string('seeds', '100,13,21,42', 'few-shot seeds (MetaICL: 100,13,21,42,87)')
+flags.DEFINE_string('methods', 'all', 'comma list, or "all" (every implemented method)')
+flags.DEFINE_integer('bbt_budget', 0, 'BBTv2 forward-pass budget per task; 0 = the method default')
+flags.DEFINE_string('out', '', 'output directory; default WORKDIR/eval')
+flags.DEFINE_bool('progress', True, 'show a progress bar')
+
+
+def main(argv):
+  del argv
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
+  logging.getLogger('absl').setLevel(logging.WARNING)
+  f = flags.FLAGS
+  md = run_eval.main(workdir=f.workdir, split=f.split, seeds=f.seeds, methods=f.methods,
+                     bbt_budget=f.bbt_budget, out=f.out, progress=f.progress)
+  print(md)
+
+
+if __name__ == '__main__':
+  app.run(main)

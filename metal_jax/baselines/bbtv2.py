@@ -1,0 +1,133 @@
+"""BBTv2 (Sun et al. 2022): derivative-free deep prompt tuning with CMA-ES in random subspaces.
+
+BBTv2 optimises a prompt for every layer of the frozen LM, each through a fixed
+random projection of a low-dimensional vector: layer l's prompt is A_l z_l with
+z_l in R^d (the intrinsic dimension, 500 in BBTv2) and A_l a fixed random
+normal matrix. Optimisation is divide-and-conquer: one CMA-ES instance per
+layer (the `cma` library, popsize 5 in the paper, sigma0 1.0, z_l starting at
+0); the layers are visited in turn, and a visit runs ONE generation of that
+layer's CMA-ES: `popsize` candidate vectors, each evaluated with one forward
+pass of the frozen LM over the few-shot batch (loss = common.prompt_loss, the
+mean NLL of y), the other layers held at their current prompts.
+
+Adaptation to this LM: BBTv2's deep prompt replaces hidden states at every
+layer's prompt positions; our LM takes per-layer prompts as prefix keys/values,
+so here layer l's prompt is its prefix KV: A_l z_l reshaped to keys and values
+[2, P, K, H] (P = prompt_len, 50 in the paper). The projection's scale follows
+BBTv2's random projection, std = alpha * std(word embeddings) / (sqrt(d) *
+sigma0), for every layer (BBTv2 uses per-layer hidden-state statistics for the
+deeper layers; we use the word-embedding std throughout, a simpler documented
+scale). A_l is drawn from a PRNG key folded with l inside the jitted projection,
+never stored (L full matrices would not fit for GPT2-XL).
+
+The kept prompt is elitist: after each generation, layer l takes the
+generation's best candidate if it lowers the best loss so far (BBTv2 keeps its
+best solution). So `losses` (the kept prompt's loss after each generation) never
+rises and the returned prompt's loss is losses[-1] exactly, with no extra pass.
+
+Budget: `budget` forward passes in all (the paper: 240 per cycle over GPT2-XL's
+48 layers x popsize 5, 3,840 in all); generations = budget // popsize, stopping
+before a generation would exceed it. With a budget below one generation the
+prompt is the untuned zero prefix (z = 0 for every layer) and the note says so.
+
+The `cma` library seeds numpy's global RNG; run() restores the global state.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metal_jax.baselines import common
+from metal_jax.data.episodes import EpisodeSpec
+from metal_jax.data.tasks import TokenizedTask
+from metal_jax.models import KV
+from metal_jax.pgm import Prompt
+
+DEFAULTS = dict(prompt_len=50, popsize=5, budget=3840, intrinsic_dim=500, sigma0=1.0, alpha=1.0)
+UNTUNED_NOTE = 'budget allows 0 CMA-ES iterations: prompt is untuned'
+
+
+def to_prompt(state: jax.Array) -> Prompt:
+  """[L, 2, P, K, H] per-layer prefixes -> Prompt(kv=KV([L, 1, P, K, H], [L, 1, P, K, H]))."""
+  return Prompt(kv=KV(state[:, 0][:, None], state[:, 1][:, None]))
+
+
+@functools.partial(jax.jit, static_argnames=('shape',))
+def project(key: jax.Array, layer, z: jax.Array, std, shape: tuple[int, ...]) -> jax.Array:
+  """Candidates z [N, d] -> layer `layer`'s prefixes [N, *shape] = z @ A_layer, A ~ N(0, std^2)."""
+  a = jax.random.normal(jax.random.fold_in(key, layer), (z.shape[1], math.prod(shape)),
+                        jnp.float32)
+  return (z.astype(jnp.float32) @ (a * std)).reshape((z.shape[0],) + shape)
+
+
+def layer_loss(module, params: dict, state: jax.Array, layer, kv_layer: jax.Array,
+               batch: dict) -> jax.Array:
+  """The loss with layer `layer`'s prefix replaced by kv_layer [2, P, K, H] (one forward pass)."""
+  kv = jax.lax.dynamic_update_index_in_dim(state, kv_layer.astype(state.dtype), layer, 0)
+  return common.prompt_loss(module, params, to_prompt(kv), batch)
+
+
+@functools.partial(jax.jit, static_argnames=('module',))
+def population_loss(module, params: dict, state: jax.Array, layer, cands: jax.Array,
+                    batch: dict) -> jax.Array:
+  """Losses [N] of N candidates [N, 2, P, K, H] for one layer: N forward passes in one program."""
+  return jax.lax.map(lambda kv: layer_loss(module, params, state, layer, kv, batch), cands)
+
+
+def run(module, params: dict, task: TokenizedTask, idx: Sequence[int], spec: EpisodeSpec, *, rng,
+        init_prompt: Prompt | None = None, **hparams) -> common.TuneResult:
+  import cma
+
+  hp = common.merge_hparams('bbtv2', DEFAULTS, hparams)
+  if init_prompt is not None:
+    raise ValueError('bbtv2: init_prompt is not supported (BBTv2 starts from z = 0)')
+  cfg = module.config
+  p, pop, d = int(hp['prompt_len']), int(hp['popsize']), int(hp['intrinsic_dim'])
+  n_layers = cfg.n_layers
+  shape = (2, p, cfg.n_kv_heads, cfg.head_dim)
+  state = jnp.zeros((n_layers,) + shape, jnp.float32)  # z = 0 everywhere: A z = 0
+  generations = int(hp['budget']) // pop
+  if generations <= 0:
+    return common.TuneResult(prompt=to_prompt(state), forward_passes=0, backward_passes=0,
+                             losses=[], note=UNTUNED_NOTE)
+
+  key = common.as_key(rng)
+  r_proj, r_seed = jax.random.split(key)
+  seed = int(common.np_rng(r_seed).integers(1, 2**30))  # cma: seed 0 would mean "random"
+  table = np.asarray(params[cfg.embed_param], np.float32)
+  std = np.float32(hp['alpha'] * float(table.std()) / (math.sqrt(d) * hp['sigma0']))
+  batch = common.train_batch(task, idx, common.spec_for(spec, p))
+
+  np_state = np.random.get_state()
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore')  # cma warns about small populations / dimensions
+      strategies = [cma.CMAEvolutionStrategy(np.zeros(d), float(hp['sigma0']),
+                                             {'popsize': pop, 'seed': seed + l, 'verbose': -9})
+                    for l in range(n_layers)]
+      best, losses, forward = math.inf, [], 0
+      for g in range(generations):
+        layer = g % n_layers
+        es = strategies[layer]
+        zs = es.ask()
+        cands = project(r_proj, layer, jnp.asarray(np.stack(zs), jnp.float32), std, shape)
+        fits = [float(x) for x in population_loss(module, params, state, layer, cands, batch)]
+        forward += pop
+        es.tell(zs, fits)
+        i = int(np.argmin(fits))
+        if fits[i] < best:
+          best = fits[i]
+          state = state.at[layer].set(cands[i])
+        losses.append(best)
+  finally:
+    np.random.set_state(np_state)
+  assert forward == generations * pop <= hp['budget']
+  return common.TuneResult(prompt=to_prompt(state), forward_passes=forward, backward_passes=0,
+                           losses=losses)

@@ -1,0 +1,178 @@
+"""What the prompt-tuning baselines share: the few-shot training batch, the loss, the tuning loop.
+
+Every baseline tunes a prompt for ONE task from its few-shot examples (the paper:
+16 examples, (n_P, n_L) = (16, 0)) with the LM frozen, and reports its cost in
+the paper's budget unit: LM forward (and backward) passes over a batch.
+
+The training batch holds the examples as the LM sees them at test time with no
+demonstrations: prompt + x (bare, MetaICL's first-example format) + y, the loss
+on y's tokens (objective.token_nll), mean over the batch's y tokens.
+
+Gradient tuning (`tune`) is the paper's baseline recipe: AdamW, learning rate
+decaying linearly to 0 over all steps, no warmup, `epochs` passes over the
+examples in shuffled minibatches of `batch_size` (16 examples at batch 16: one
+step an epoch). One optimizer step counts as 1 forward + 1 backward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from metal_jax import objective
+from metal_jax.data.episodes import EpisodeSpec, batch_shapes, build_episode, collate
+from metal_jax.data.tasks import TokenizedTask
+from metal_jax.pgm import Prompt, apply_with_prompt
+
+BATCH_KEYS = ('lm_ids', 'lm_mask', 'target_pos', 'target_ids', 'target_mask')
+
+
+@dataclasses.dataclass
+class TuneResult:
+  prompt: Prompt | None  # batch-1 prompt for the frozen LM (None: no prompt)
+  forward_passes: int  # LM forward passes over a batch spent on this task (the paper's unit)
+  backward_passes: int
+  losses: list[float]  # the method's own training loss per step / iteration
+  note: str = ''  # e.g. 'budget allows 0 CMA-ES iterations: prompt is untuned'
+
+
+def spec_for(spec: EpisodeSpec, prompt_len: int) -> EpisodeSpec:
+  """`spec` with room for a prompt of `prompt_len` positions (sequences are cut to max_len - P).
+
+  Use it for scoring too: a prompt longer than spec.prompt_len with a sequence cut
+  for spec.prompt_len would run past the model's positions.
+  """
+  return spec if spec.prompt_len == prompt_len else dataclasses.replace(spec, prompt_len=prompt_len)
+
+
+def train_batch(task: TokenizedTask, idx: Sequence[int], spec: EpisodeSpec) -> dict:
+  """The examples idx of `task` as one LM batch (prompt + x + y, n_L = 0): jnp arrays, right-padded.
+
+  Keys lm_ids, lm_mask [B, T] and target_pos, target_ids, target_mask [B, Y]
+  (episodes.collate's LM part); the target is y. Sequences are cut from the
+  left to spec.lm_budget = max_len - spec.prompt_len tokens.
+  """
+  idx = [int(i) for i in idx]
+  if not idx:
+    raise ValueError('train_batch needs at least one example')
+  empty = np.zeros((0,), np.int32)
+  episodes = [build_episode(empty, empty, task.input_first[i], task.input_rest[i],
+                            task.output_ids[i], spec) for i in idx]
+  _, lm_len, tgt_len = batch_shapes(episodes, spec)
+  batch = collate(episodes, spec, 0, lm_len, tgt_len)
+  return {k: jnp.asarray(batch[k]) for k in BATCH_KEYS}
+
+
+def prompt_loss(module, params: dict, prompt: Prompt | None, batch: dict) -> jax.Array:
+  """Mean NLL of the batch's y tokens under the frozen LM, the batch-1 prompt tiled to the batch."""
+  b = batch['lm_ids'].shape[0]
+  tiled = None if prompt is None else prompt.repeat(b)
+  out = apply_with_prompt(module, params, tiled, batch['lm_ids'], batch['lm_mask'],
+                          logit_positions=batch['target_pos'])
+  nll = objective.token_nll(out.logits, batch['target_ids'], batch['target_mask'])
+  return nll.sum() / jnp.maximum(batch['target_mask'].sum().astype(jnp.float32), 1.0)
+
+
+def merge_hparams(method: str, defaults: dict, given: dict) -> dict:
+  unknown = sorted(set(given) - set(defaults))
+  if unknown:
+    raise TypeError(f'{method}: unknown hyperparameters {unknown} (known: {sorted(defaults)})')
+  return {**defaults, **given}
+
+
+def as_key(rng) -> jax.Array:
+  """A jax PRNG key from a key or an int seed."""
+  if isinstance(rng, (int, np.integer)):
+    return jax.random.key(int(rng))
+  return rng
+
+
+def np_rng(key: jax.Array) -> np.random.Generator:
+  """A numpy Generator seeded by a jax key (host-side shuffling and sampling: no device ops)."""
+  data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+  return np.random.default_rng(np.asarray(data).astype(np.uint64).ravel().tolist())
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+  return math.ceil(n / batch_size)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def init_module(module, rng: jax.Array):
+  """module.init(rng)['params'] for a parameter-only Linen module (jitted: one compile per module)."""
+  return module.init(rng)['params']
+
+
+# ----------------------------------------------------------------------------- gradient tuning
+
+
+def _adam(weight_decay: float) -> optax.GradientTransformation:
+  """optax.adamw without its learning rate (the step scales by a host-computed lr)."""
+  return optax.chain(optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
+                     optax.add_decayed_weights(weight_decay))
+
+
+@functools.partial(jax.jit, static_argnames=('module', 'to_prompt', 'weight_decay'))
+def _train_step(module, to_prompt, weight_decay, params, trainable, opt_state, batch, lr):
+  def loss_fn(tr):
+    return prompt_loss(module, params, to_prompt(tr), batch)
+
+  loss, grads = jax.value_and_grad(loss_fn)(trainable)
+  updates, opt_state = _adam(weight_decay).update(grads, opt_state, trainable)
+  trainable = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), trainable, updates)
+  return trainable, opt_state, loss
+
+
+def tune(init_params: Any, to_prompt: Callable[[Any], Prompt], module, params: dict, batch: dict,
+         *, lr: float, epochs: int, batch_size: int, rng, weight_decay: float = 0.0
+         ) -> tuple[Any, list[float]]:
+  """Gradient prompt tuning; returns (final trainable params, the minibatch loss of every step).
+
+  AdamW (b1 0.9, b2 0.999, eps 1e-8; decoupled weight decay, 0 by default as in
+  transformers' Trainer) with the learning rate decaying linearly from `lr` to 0
+  over all steps, no warmup. Each epoch shuffles the batch's rows (a numpy
+  Generator seeded by `rng`) and takes minibatches of `batch_size` rows (the
+  last one smaller when batch_size does not divide them). The loss of a step is the
+  minibatch loss before its update. `to_prompt(trainable) -> Prompt` (batch 1)
+  is a static jit argument: pass a hashable callable that compares by value
+  (a frozen dataclass) so that the step compiles once per shape across tasks.
+  """
+  shuffle = np_rng(as_key(rng))
+  host = {k: np.asarray(v) for k, v in batch.items()}  # minibatches are cut on the host
+  n = int(host['lm_ids'].shape[0])
+  per_epoch = steps_per_epoch(n, batch_size)
+  total = int(epochs) * per_epoch
+  trainable = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), init_params)
+  if total == 0:
+    return trainable, []
+  opt_state = _adam(weight_decay).init(trainable)
+  losses, step = [], 0
+  for _ in range(int(epochs)):
+    order = shuffle.permutation(n)
+    for s in range(per_epoch):
+      rows = order[s * batch_size:(s + 1) * batch_size]
+      mb = {k: v[rows] for k, v in host.items()}
+      lr_t = jnp.float32(lr * (1.0 - step / total))  # linear decay to 0, no warmup
+      trainable, opt_state, loss = _train_step(module, to_prompt, float(weight_decay), params,
+                                               trainable, opt_state, mb, lr_t)
+      losses.append(float(loss))
+      step += 1
+  return trainable, losses
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def make_prompt(to_prompt, trainable) -> Prompt:
+  return to_prompt(trainable)
+
+
+def gradient_result(trainable, to_prompt, losses: list[float], note: str = '') -> TuneResult:
+  """The result of gradient tuning: one forward + one backward pass per optimizer step."""
+  return TuneResult(prompt=make_prompt(to_prompt, trainable), forward_passes=len(losses),
+                    backward_passes=len(losses), losses=losses, note=note)

@@ -1,0 +1,82 @@
+"""Prefix-tuning (Li & Liang 2021): per-layer prefix keys/values through an MLP reparameterisation.
+
+An embedding [P, D] goes through an MLP (Dense D -> hidden (512) -> tanh ->
+Dense -> L * 2 * K * H), reshaped to each layer's prefix keys and values; the
+embedding and the MLP are trained, and the prompt is the MLP's output,
+Prompt(kv=KV(k, v)) with k, v of [L, 1, P, K, H] (K key/value heads of width H),
+prepended to the frozen LM's keys/values in every layer. For Llama the keys
+are used as they stand (an HF cache holds rotated keys; a free parameter needs
+no rotation). The paper's budget: AdamW lr 2e-4, linear decay, 10 epochs of
+batch 16, prompt length 20.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+
+from metal_jax.baselines import common
+from metal_jax.data.episodes import EpisodeSpec
+from metal_jax.data.tasks import TokenizedTask
+from metal_jax.models import KV
+from metal_jax.pgm import Prompt
+
+DEFAULTS = dict(lr=2e-4, epochs=10, batch_size=16, prompt_len=20, hidden=512, weight_decay=0.0)
+
+
+class PrefixEncoder(nn.Module):
+  """embedding [P, D] -> Dense(hidden) -> tanh -> Dense(L * 2 * K * H) -> [L, 2, P, K, H]."""
+  prompt_len: int
+  d_model: int
+  hidden: int
+  n_layers: int
+  n_kv_heads: int
+  head_dim: int
+
+  @nn.compact
+  def __call__(self):
+    p, l, k, h = self.prompt_len, self.n_layers, self.n_kv_heads, self.head_dim
+    x = self.param('embedding', nn.initializers.normal(0.02), (p, self.d_model))
+    x = nn.Dense(self.hidden, name='mlp_0')(x)
+    x = nn.Dense(l * 2 * k * h, name='mlp_1')(nn.tanh(x))  # [P, L*2*K*H]
+    return x.reshape(p, l, 2, k, h).transpose(1, 2, 0, 3, 4)  # [L, 2, P, K, H]
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixPrompt:
+  """The encoder's params -> Prompt(kv=KV([L, 1, P, K, H], [L, 1, P, K, H]))."""
+  prompt_len: int
+  d_model: int
+  hidden: int
+  n_layers: int
+  n_kv_heads: int
+  head_dim: int
+
+  def encoder(self) -> PrefixEncoder:
+    return PrefixEncoder(self.prompt_len, self.d_model, self.hidden, self.n_layers,
+                         self.n_kv_heads, self.head_dim)
+
+  def __call__(self, p) -> Prompt:
+    kv = self.encoder().apply({'params': p})
+    return Prompt(kv=KV(kv[:, 0][:, None], kv[:, 1][:, None]))
+
+
+def run(module, params: dict, task: TokenizedTask, idx: Sequence[int], spec: EpisodeSpec, *, rng,
+        init_prompt: Prompt | None = None, **hparams) -> common.TuneResult:
+  hp = common.merge_hparams('prefix_tuning', DEFAULTS, hparams)
+  if init_prompt is not None:
+    raise ValueError('prefix_tuning: init_prompt is not supported (use metal_tune to tune a '
+                     'given prefix directly)')
+  cfg = module.config
+  r_init, r_shuffle = jax.random.split(common.as_key(rng))
+  to_prompt = PrefixPrompt(hp['prompt_len'], cfg.d_model, hp['hidden'], cfg.n_layers,
+                           cfg.n_kv_heads, cfg.head_dim)
+  init = common.init_module(to_prompt.encoder(), r_init)
+  batch = common.train_batch(task, idx, common.spec_for(spec, hp['prompt_len']))
+  trained, losses = common.tune(init, to_prompt, module, params, batch, lr=hp['lr'],
+                                epochs=hp['epochs'], batch_size=hp['batch_size'], rng=r_shuffle,
+                                weight_decay=hp['weight_decay'])
+  return common.gradient_result(trained, to_prompt, losses)

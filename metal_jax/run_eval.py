@@ -1,0 +1,83 @@
+"""eval.py's body: a trained run's config and PGM -> every method on the unseen test tasks."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+
+import ml_collections
+
+from metal_jax import evaluation, experiment, sharding, training
+
+log = logging.getLogger('metal_jax')
+
+
+def parse_ints(text: str, flag: str) -> list[int]:
+  try:
+    return [int(x) for x in text.split(',') if x.strip()]
+  except ValueError as e:
+    raise ValueError(f'--{flag}={text!r}: expected comma-separated integers') from e
+
+
+def resolve_methods(text: str) -> tuple[list[str], dict]:
+  from metal_jax import baselines
+  known = list(evaluation.BUILTIN_METHODS) + list(baselines.METHODS)
+  if text == 'all':
+    return known, dict(baselines.NOT_IMPLEMENTED)
+  methods = [m.strip() for m in text.split(',') if m.strip()]
+  missing = {m: baselines.NOT_IMPLEMENTED[m] for m in methods if m in baselines.NOT_IMPLEMENTED}
+  unknown = [m for m in methods if m not in known and m not in missing]
+  if unknown:
+    raise ValueError(f'--methods: unknown {unknown}; known: {known}')
+  return [m for m in methods if m not in missing], missing
+
+
+def main(*, workdir: str, split: str = '', seeds: str = '100,13,21,42', methods: str = 'all',
+         bbt_budget: int = 0, out: str = '', progress: bool = True) -> str:
+  cfg_json, step = training.restore_config(workdir)
+  config = ml_collections.ConfigDict(cfg_json)
+  split_t = tuple(parse_ints(split, 'split')) if split else (
+      config.n_prompt_examples, config.n_lm_examples)
+  if len(split_t) != 2:
+    raise ValueError(f'--split={split!r}: expected "n_P,n_L"')
+  seed_list = parse_ints(seeds, 'seeds')
+  method_list, not_implemented = resolve_methods(methods)
+
+  data_dir, setting = experiment.data_location(config, workdir)
+  tokenizer = experiment.tokenizer_for(config, workdir)
+  if config.model == experiment.BUILTIN:
+    ckpt = os.path.join(workdir, 'base_lm')
+  else:
+    ckpt = experiment.model_source(config, workdir)
+  mesh = sharding.make_mesh({'data': 1, 'fsdp': -1, 'tensor': 1})
+  lm, _ = experiment.load_model(config, ckpt, mesh)
+  pgm_cfg = experiment.pgm_config(config)
+  spec = experiment.episode_spec(config, lm.config)
+  trainable, _ = training.restore_trainable(workdir, lm.config, pgm_cfg,
+                                            experiment.optim_config(config), step)
+  task_seeds = evaluation.load_task_seeds(
+      data_dir, setting['test'], seed_list, tokenizer, os.path.join(workdir, 'cache', 'tokenized'),
+      config.max_example_len)
+  log.info('evaluating step %d of %s on %d test tasks x %d seeds, split %s, methods %s', step,
+           workdir, len(setting['test']), len(seed_list), split_t, method_list)
+  hparams = {'bbtv2': {'budget': bbt_budget}} if bbt_budget else {}
+
+  final = out or os.path.join(workdir, 'eval')
+  tmp = f'{final}.tmp-{os.getpid()}'
+  shutil.rmtree(tmp, ignore_errors=True)
+  t0 = time.time()
+  results = evaluation.evaluate(lm, pgm_cfg, trainable, task_seeds, spec, method_list, split_t,
+                                tmp, hparams=hparams, seed=config.seed, progress=progress)
+  results.update(checkpoint_step=step, workdir=os.path.abspath(workdir),
+                 not_implemented=not_implemented, wall_s=time.time() - t0)
+  md = evaluation.write_report(tmp, results)
+  # Replace the previous eval/ only now, so a failed run never leaves stale or partial results.
+  old = f'{final}.old-{os.getpid()}'
+  if os.path.exists(final):
+    os.replace(final, old)
+  os.replace(tmp, final)
+  shutil.rmtree(old, ignore_errors=True)
+  log.info('wrote %s in %.0f s', final, time.time() - t0)
+  return md

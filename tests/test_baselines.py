@@ -1,0 +1,282 @@
+"""The prompt-tuning baselines (metal_jax.baselines) end to end on tiny random models.
+
+* the few-shot training batch is prompt + bare x + y with the loss on y, as in scoring;
+* every method runs, lowers its own training loss, returns a batch-1 prompt that
+  evaluation.score_options accepts, and counts its passes (gradient methods: one
+  forward + one backward per optimizer step; BBTv2: one forward per candidate);
+* MetaL(+Tune) starts exactly at the PGM's prompt;
+* BBTv2 never exceeds its forward-pass budget and, below one generation, says
+  the prompt is untuned;
+* RLPrompt is listed as not implemented.
+
+Learning rates are far above the paper's so that a few steps on a random tiny
+model show a decrease.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import save_hf
+from metal_jax import baselines, evaluation, pgm
+from metal_jax.baselines import bbtv2, common
+from metal_jax.data import synthetic
+from metal_jax.data.episodes import EpisodeSpec
+from metal_jax.data.tasks import load_tokenized
+from metal_jax.models import KV
+from metal_jax.models.hf import load_lm
+
+P = 4
+SPEC = EpisodeSpec(n_prompt_examples=16, n_lm_examples=0, prompt_len=P, max_len=128)
+FAST = {  # high learning rates, short prompts: a visible decrease within 10 steps
+    'soft_prompt': dict(lr=0.05, prompt_len=P),
+    'p_tuning': dict(lr=0.01, prompt_len=P, lstm_layers=1),
+    'prefix_tuning': dict(lr=0.01, prompt_len=P, hidden=16),
+}
+
+
+@pytest.fixture(scope='module')
+def tokenizer():
+  return synthetic.build_tokenizer()
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory, tokenizer):
+  """A test task's 16 few-shot examples (seed 100) and its 8 evaluation queries."""
+  d = str(tmp_path_factory.mktemp('suite'))
+  setting = synthetic.write_suite(d, n_train_tasks=0, n_test_tasks=1, n_train_examples=1,
+                                  n_test_examples=8)
+  task = setting['test'][0]
+  cache = os.path.join(d, 'cache')
+  shots = load_tokenized(synthetic.few_shot_path(d, task, 100, 'train'), tokenizer, cache)
+  queries = load_tokenized(synthetic.few_shot_path(d, task, 100, 'test'), tokenizer, cache)
+  assert len(shots) == 16
+  return shots, queries
+
+
+@pytest.fixture(scope='module')
+def models(tmp_path_factory, tokenizer):
+  v = len(tokenizer)
+  out = {}
+  for kind, kw in [('gpt2', dict(vocab_size=v, n_positions=128)),
+                   ('llama', dict(vocab_size=v, max_position_embeddings=128))]:
+    d = tmp_path_factory.mktemp(kind)
+    save_hf(kind, d, **kw)
+    out[kind] = load_lm(str(d))
+  return out
+
+
+_prompt_loss = jax.jit(common.prompt_loss, static_argnums=0)
+
+
+def loss_of(lm, prompt, shots, spec=SPEC):
+  batch = common.train_batch(shots, range(len(shots)), common.spec_for(spec, prompt.length))
+  return float(_prompt_loss(lm.module, lm.params, prompt, batch))
+
+
+def check_scores(lm, prompt, shots, queries):
+  """The frozen LM consumes the prompt: score_options gives finite scores for every option."""
+  spec = common.spec_for(SPEC, prompt.length)
+  scores = evaluation.score_options(lm.module, lm.params, prompt, shots, [], queries, spec, rows=8)
+  assert len(scores) == len(queries)
+  for q, s in enumerate(scores):
+    assert s.shape == (len(queries.option_ids[q]),) and np.isfinite(s).all()
+  m = evaluation.metrics(evaluation.predict(scores, queries), [o for o in queries.raw['output']])
+  assert 0 <= m['accuracy'] <= 100
+
+
+# ----------------------------------------------------------------------------- the batch
+
+
+def test_train_batch_is_bare_x_then_y(data, models):
+  shots, _ = data
+  idx = [3, 0, 7]
+  b = common.train_batch(shots, idx, SPEC)
+  assert set(b) == set(common.BATCH_KEYS)
+  for r, i in enumerate(idx):
+    seq = np.concatenate([shots.input_first[i], shots.output_ids[i]])
+    n, ny = len(seq), len(shots.output_ids[i])
+    np.testing.assert_array_equal(np.asarray(b['lm_ids'][r, :n]), seq)
+    assert int(b['lm_mask'][r].sum()) == n  # right-padded
+    np.testing.assert_array_equal(np.asarray(b['target_ids'][r, :ny]), shots.output_ids[i])
+    np.testing.assert_array_equal(np.asarray(b['target_pos'][r, :ny]), n - ny - 1 + np.arange(ny))
+    assert int(b['target_mask'][r].sum()) == ny
+  # prompt_loss without a prompt is the mean y-token NLL of the plain LM, as scoring computes it.
+  lm = models['gpt2']
+  logits = jax.jit(lambda p, ids, m: lm.module.apply({'params': p}, ids, m).logits)(
+      lm.params, b['lm_ids'], b['lm_mask'])
+  logp = jax.nn.log_softmax(logits, -1)
+  nll = [-float(logp[r, int(b['target_pos'][r, j]), int(b['target_ids'][r, j])])
+         for r in range(len(idx)) for j in range(int(b['target_mask'][r].sum()))]
+  assert abs(float(_prompt_loss(lm.module, lm.params, None, b)) - np.mean(nll)) < 1e-5
+
+
+# ----------------------------------------------------------------------------- gradient methods
+
+
+@pytest.mark.parametrize('method,model', [('soft_prompt', 'gpt2'), ('p_tuning', 'gpt2'),
+                                          ('prefix_tuning', 'gpt2'), ('prefix_tuning', 'llama')])
+def test_gradient_method_trains_and_counts(data, models, method, model):
+  shots, queries = data
+  lm = models[model]
+  res = baselines.METHODS[method](lm.module, lm.params, shots, range(16), SPEC,
+                                  rng=jax.random.key(0), epochs=10, batch_size=16, **FAST[method])
+  assert isinstance(res, common.TuneResult) and res.note == ''
+  # 10 epochs of batch 16 over 16 examples: one step an epoch.
+  assert res.forward_passes == res.backward_passes == len(res.losses) == 10
+  assert res.losses[-1] < res.losses[0], res.losses
+  cfg = lm.config
+  if method == 'prefix_tuning':
+    assert res.prompt.embeds is None
+    assert res.prompt.kv.k.shape == res.prompt.kv.v.shape == (
+        cfg.n_layers, 1, P, cfg.n_kv_heads, cfg.head_dim)
+  else:
+    assert res.prompt.kv is None and res.prompt.embeds.shape == (1, P, cfg.d_model)
+  final = loss_of(lm, res.prompt, shots)
+  assert final < res.losses[0], (final, res.losses)
+  check_scores(lm, res.prompt, shots, queries)
+
+
+def test_minibatches_count_steps_and_compile_once(data, models):
+  shots, _ = data
+  lm = models['gpt2']
+  run = baselines.METHODS['soft_prompt']
+  res = run(lm.module, lm.params, shots, range(16), SPEC, rng=jax.random.key(1), epochs=3,
+            batch_size=8, **FAST['soft_prompt'])
+  assert res.forward_passes == res.backward_passes == len(res.losses) == 6  # 2 steps an epoch
+  assert common.steps_per_epoch(12, 8) == 2 and common.steps_per_epoch(16, 16) == 1
+  # Another task (seed) with the same shapes reuses the compiled step.
+  n = common._train_step._cache_size()
+  res = run(lm.module, lm.params, shots, range(16), SPEC, rng=jax.random.key(2), epochs=1,
+            batch_size=8, **FAST['soft_prompt'])
+  assert common._train_step._cache_size() == n and res.forward_passes == 2
+
+
+def test_soft_prompt_initialised_from_vocabulary(models):
+  lm = models['gpt2']
+  emb = baselines.soft_prompt.init_from_vocab(jax.random.key(0), lm.module,
+                                                          lm.params, P)
+  table = np.asarray(lm.params[lm.config.embed_param])
+  for row in np.asarray(emb):
+    assert (np.abs(table - row).max(-1) == 0).any()
+  assert emb.shape == (P, lm.config.d_model)
+
+
+# ----------------------------------------------------------------------------- MetaL(+Tune)
+
+
+@pytest.fixture(scope='module')
+def metal_prompt(models):
+  """A batch-1 prefix prompt of the PGM's shape (KV [L, 1, P, K, H]); random values stand in for
+  a PGM's output (evaluation.prompt_for) to keep the test fast."""
+  cfg = models['gpt2'].config
+  shape = (cfg.n_layers, 1, P, cfg.n_kv_heads, cfg.head_dim)
+  k, v = (0.5 * np.random.default_rng(i).standard_normal(shape).astype(np.float32)
+          for i in range(2))
+  return pgm.Prompt(kv=KV(jnp.asarray(k), jnp.asarray(v)))
+
+
+def test_metal_tune_starts_at_init_prompt_and_trains(data, models, metal_prompt):
+  shots, queries = data
+  lm = models['gpt2']
+  run = baselines.METHODS['metal_tune']
+  same = run(lm.module, lm.params, shots, range(16), SPEC, rng=jax.random.key(0),
+             init_prompt=metal_prompt, epochs=0)
+  assert same.forward_passes == same.backward_passes == 0 and same.losses == []
+  np.testing.assert_array_equal(np.asarray(same.prompt.kv.k), np.asarray(metal_prompt.kv.k))
+  np.testing.assert_array_equal(np.asarray(same.prompt.kv.v), np.asarray(metal_prompt.kv.v))
+
+  res = run(lm.module, lm.params, shots, range(16), SPEC, rng=jax.random.key(0),
+            init_prompt=metal_prompt)  # the paper's lr 0.02, 9 epochs
+  assert res.forward_passes == res.backward_passes == len(res.losses) == 9
+  start = loss_of(lm, metal_prompt, shots)
+  assert abs(res.losses[0] - start) < 1e-5  # the first step is taken at the init prompt
+  assert res.losses[-1] < res.losses[0] and loss_of(lm, res.prompt, shots) < start
+  assert res.prompt.kv.k.shape == metal_prompt.kv.k.shape
+  check_scores(lm, res.prompt, shots, queries)
+
+  with pytest.raises(ValueError, match='init_prompt'):
+    run(lm.module, lm.params, shots, range(16), SPEC, rng=jax.random.key(0))
+
+
+# ----------------------------------------------------------------------------- BBTv2
+
+
+BBT = dict(prompt_len=P, popsize=5, intrinsic_dim=8, sigma0=1.0, alpha=4.0)
+
+
+@pytest.mark.parametrize('model', ['gpt2', 'llama'])
+def test_bbtv2_respects_budget_and_lowers_loss(data, models, model):
+  shots, queries = data
+  lm = models[model]
+  cfg = lm.config
+  budget = 63  # 12 generations of 5 (60 passes), 6 per layer; a 13th would exceed it
+  res = baselines.METHODS['bbtv2'](lm.module, lm.params, shots, range(16), SPEC,
+                                   rng=jax.random.key(0), budget=budget, **BBT)
+  assert res.forward_passes == 60 <= budget and res.backward_passes == 0
+  assert len(res.losses) == 12 and res.note == ''
+  assert all(b <= a for a, b in zip(res.losses, res.losses[1:]))  # elitist: never rises
+  assert res.losses[-1] < res.losses[0], res.losses
+  assert res.prompt.kv.k.shape == (cfg.n_layers, 1, P, cfg.n_kv_heads, cfg.head_dim)
+  # The kept prompt's loss is the last recorded loss, and below the untuned (zero) prompt's.
+  final = loss_of(lm, res.prompt, shots)
+  assert abs(final - res.losses[-1]) < 1e-5
+  zero = loss_of(lm, pgm.Prompt(kv=jax.tree.map(jnp.zeros_like, res.prompt.kv)), shots)
+  assert final < zero
+  check_scores(lm, res.prompt, shots, queries)
+
+
+def test_bbtv2_budget_below_one_generation(data, models):
+  shots, _ = data
+  lm = models['gpt2']
+  res = baselines.METHODS['bbtv2'](lm.module, lm.params, shots, range(16), SPEC,
+                                   rng=jax.random.key(0), budget=4, **BBT)
+  assert res.note == bbtv2.UNTUNED_NOTE == 'budget allows 0 CMA-ES iterations: prompt is untuned'
+  assert res.forward_passes == res.backward_passes == 0 and res.losses == []
+  assert not np.asarray(res.prompt.kv.k).any() and not np.asarray(res.prompt.kv.v).any()
+  assert res.prompt.kv.k.shape[2] == P
+
+
+def test_bbtv2_deterministic_and_leaves_numpy_rng(data, models):
+  shots, _ = data
+  lm = models['gpt2']
+  np.random.seed(123)
+  expected = np.random.rand()
+  np.random.seed(123)
+  runs = [baselines.METHODS['bbtv2'](lm.module, lm.params, shots, range(16), SPEC,
+                                     rng=jax.random.key(5), budget=20, **BBT) for _ in range(2)]
+  assert np.random.rand() == expected
+  assert runs[0].losses == runs[1].losses
+  np.testing.assert_array_equal(np.asarray(runs[0].prompt.kv.k), np.asarray(runs[1].prompt.kv.k))
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def test_registry():
+  assert set(baselines.METHODS) == {'soft_prompt', 'p_tuning', 'prefix_tuning', 'metal_tune',
+                                    'bbtv2'}
+  assert set(baselines.DEFAULTS) == set(baselines.METHODS)
+  assert 'rlprompt' in baselines.NOT_IMPLEMENTED
+  with pytest.raises(NotImplementedError, match='RLPrompt'):
+    baselines.get('rlprompt')
+  d = baselines.DEFAULTS
+  assert (d['soft_prompt']['lr'], d['p_tuning']['lr'], d['prefix_tuning']['lr']) == (4e-5, 1.6e-4,
+                                                                                     2e-4)
+  for m in ('soft_prompt', 'p_tuning', 'prefix_tuning'):
+    assert (d[m]['epochs'], d[m]['batch_size'], d[m]['prompt_len']) == (10, 16, 20)
+  assert (d['metal_tune']['lr'], d['metal_tune']['epochs']) == (0.02, 9)
+  assert (d['bbtv2']['prompt_len'], d['bbtv2']['popsize'], d['bbtv2']['budget']) == (50, 5, 3840)
+
+
+def test_unknown_hparam_is_an_error(data, models):
+  shots, _ = data
+  lm = models['gpt2']
+  with pytest.raises(TypeError, match='unknown hyperparameters'):
+    baselines.METHODS['soft_prompt'](lm.module, lm.params, shots, range(16), SPEC,
+                                     rng=jax.random.key(0), learning_rate=1.0)
