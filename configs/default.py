@@ -14,11 +14,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.tiny_model = ml_collections.ConfigDict(dict(  # the built-in GPT-2's shape
       n_embd=128, n_layer=4, n_head=4, n_positions=256))
   c.pretrain = ml_collections.ConfigDict(dict(  # the built-in base LM's pretraining
-      steps=600, batch_size=32, seq_len=128, lr=3e-3, warmup_steps=50, seed=0))
+      steps=1500, batch_size=32, seq_len=128, lr=3e-3, warmup_steps=50, seed=0))
   c.data_dir = ''  # '' = the synthetic suite, written to WORKDIR/data
   c.setting = ''  # a settings name (configs/settings/NAME.json) or path; unused for synthetic
   c.synthetic = ml_collections.ConfigDict(dict(
-      seed=0, n_train_tasks=24, n_test_tasks=8, n_train_examples=2048, n_test_examples=64))
+      seed=0, n_train_tasks=512, n_test_tasks=8, n_train_examples=64, n_test_examples=64))
 
   c.n_prompt_examples = 16  # n_P: examples the PGM reads
   c.n_lm_examples = 0  # n_L: demonstrations the frozen LM sees

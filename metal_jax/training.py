@@ -108,7 +108,7 @@ def make_train_step(pgm_cfg: pgm.PGMConfig, module, tx: optax.GradientTransforma
                                        accum_steps)
     updates, opt_state = tx.update(grads, state['opt_state'], state['trainable'])
     trainable = optax.apply_updates(state['trainable'], updates)
-    metrics['grad_norm'] = optax.global_norm(grads)
+    metrics['grad_norm'] = optax.tree.norm(grads)
     return {'step': state['step'] + 1, 'trainable': trainable, 'opt_state': opt_state}, metrics
 
   return step
@@ -177,6 +177,31 @@ def restore_config(workdir: str, step: int | None = None) -> tuple[dict, int]:
   cfg = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
   mngr.close()
   return cfg, step
+
+
+# Config fields a resumed run may change: they affect neither the numbers nor the data order.
+RESUMABLE_CHANGES = ('stop_at', 'log_every', 'progress', 'save_every', 'keep_checkpoints',
+                     'async_checkpoints', 'distributed', 'mesh', 'remat', 'scan_layers')
+
+
+def check_resume_config(saved: dict, current: dict, directory: str) -> None:
+  """Refuses to resume under a config that would change the schedule, data or model."""
+  def flat(d, prefix=''):
+    out = {}
+    for k, v in d.items():
+      if isinstance(v, dict):
+        out.update(flat(v, f'{prefix}{k}.'))
+      else:
+        out[f'{prefix}{k}'] = v
+    return out
+  a, b = flat(saved), flat(current)
+  changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)
+                   and k.split('.')[0] not in RESUMABLE_CHANGES)
+  if changed:
+    raise ValueError(
+        f'{directory}: the checkpoint was written under a different config; changed: ' +
+        ', '.join(f'{k} ({a.get(k)!r} -> {b.get(k)!r})' for k in changed[:8]) +
+        '. Use a new --workdir, or rerun with the original values.')
 
 
 def abstract_like(tree, shardings=None):
@@ -286,6 +311,8 @@ def train(config, workdir: str) -> dict:
   cfg_json = experiment.config_json(config)
   start = mngr.latest_step()
   if start is not None:
+    saved_cfg = mngr.restore(start, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
+    check_resume_config(saved_cfg, cfg_json, str(mngr.directory))
     state, data_state = restore_checkpoint(mngr, start, abstract_like(state))
     sampler.restore(data_state)
     if lead:

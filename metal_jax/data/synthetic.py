@@ -86,9 +86,9 @@ VOCAB = (EOS, UNK, NEWLINE) + LABEL_WORDS + CONTENT_WORDS + FILLER_WORDS
 
 FAMILIES = ('kw_cls', 'first_word')
 N_CLASSES = (2, 3, 4)
-KEYS_PER_CLASS = (2, 3)  # triggers (kw_cls) or cues (first_word) per class
-KW_FILLER_LEN = (1, 3)  # inclusive range of filler words around the trigger
-FW_REST_LEN = (2, 3)  # inclusive range of words after the cue
+KEYS_PER_CLASS = (1, 2)  # triggers (kw_cls) or cues (first_word) per class
+KW_FILLER_LEN = (0, 2)  # inclusive range of filler words around the trigger
+FW_REST_LEN = (1, 2)  # inclusive range of words after the cue
 FW_DISTRACTOR_P = 0.25  # chance that a word after the cue is another class's cue
 
 
@@ -253,6 +253,13 @@ def _expected_files(data_dir: str, setting: dict):
       yield few_shot_path(data_dir, t, s, 'test')
 
 
+def _shape() -> dict:
+  """The generator's constants: a suite written under other constants is regenerated."""
+  return {'n_classes': list(N_CLASSES), 'keys_per_class': list(KEYS_PER_CLASS),
+          'kw_filler_len': list(KW_FILLER_LEN), 'fw_rest_len': list(FW_REST_LEN),
+          'fw_distractor_p': FW_DISTRACTOR_P}
+
+
 def _load_if_complete(data_dir: str, params: dict):
   try:
     with open(os.path.join(data_dir, 'suite.json'), encoding='utf-8') as f:
@@ -282,7 +289,7 @@ def write_suite(data_dir: str, *, seed: int = 0, n_train_tasks: int = 24, n_test
                       ('n_train_examples', n_train_examples, 1), ('n_test_examples', n_test_examples, 1)):
     if int(v) != v or v < lo:
       raise ValueError(f'{name}={v}: must be an integer >= {lo}')
-  params = {'format_version': FORMAT_VERSION, 'seed': int(seed), 'n_train_tasks': int(n_train_tasks),
+  params = {'format_version': FORMAT_VERSION, 'shape': _shape(), 'seed': int(seed), 'n_train_tasks': int(n_train_tasks),
             'n_test_tasks': int(n_test_tasks), 'n_train_examples': int(n_train_examples),
             'n_test_examples': int(n_test_examples)}
   setting = _load_if_complete(data_dir, params)

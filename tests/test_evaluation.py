@@ -1,0 +1,533 @@
+"""The unseen-task evaluation (metal_jax.evaluation, run_eval, eval.py) against MetaICL's contract.
+
+* MetaICL's macro-F1 on crafted predictions equals values computed by hand (the mean over
+  gold classes only; a never-predicted class gets precision 1.0), and differs from
+  scikit-learn's macro-F1 exactly where the label sets differ; sklearn_f1 is sklearn's;
+* score_options (batched, padded, chunked, logits only at the option's positions) equals a
+  direct per-option computation: the frozen LM on the unpadded demos + query + option, full
+  logits, log-softmax, mean NLL of the option's tokens, with a prefix-KV prompt, an
+  embeddings prompt, and with / without n_L demonstrations; options differ in token length;
+* the LM rows score_options builds are MetaICL's direct format, token for token, for a
+  hand-built example (demo, "\\n", output, "\\n\\n\\n", demo, ..., query, "\\n", option);
+* end to end: a tiny train.py run, then run_eval.main writes results.json, results.md, f1.png
+  and per-example predictions whose recomputed means equal results.json; costs are counted;
+* a rerun never reuses stale files, and a failing rerun leaves the earlier eval/ intact;
+* the metal_shuffled control reads X^P from another test task under the same seed.
+
+Run with `pytest -s` to see the measured differences.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import sklearn.metrics
+
+from conftest import save_hf
+from metal_jax import evaluation, lora, pgm, run_eval, training
+from metal_jax.data import episodes as episodes_mod
+from metal_jax.data import synthetic
+from metal_jax.data.episodes import EpisodeSpec
+from metal_jax.data.tasks import load_tokenized
+from metal_jax.models import KV
+from metal_jax.models.hf import load_lm
+
+ROOT = Path(__file__).resolve().parents[1]
+P = 4  # prompt length of the hand-made prompts
+SPEC = EpisodeSpec(n_prompt_examples=16, n_lm_examples=0, prompt_len=P, max_len=128)
+SCORE_TOL = 1e-5
+
+
+# ----------------------------------------------------------------------------- 1. metrics
+
+
+def test_metaicl_f1_by_hand_and_differs_from_sklearn():
+  # Case A: every predicted label is a gold class; gold class 'c' is never predicted.
+  golds = ['a', 'a', 'b', 'b', 'c']
+  preds = ['a', 'b', 'b', 'b', 'a']
+  #   a: recall 1/2 (gold a -> a, b); predicted a at 0, 4 (golds a, c): precision 1/2
+  #      F1 = 2 * 1/2 * 1/2 / (1/2 + 1/2) = 1/2
+  #   b: recall 2/2 = 1; predicted b at 1, 2, 3 (golds a, b, b): precision 2/3
+  #      F1 = 2 * 2/3 * 1 / (2/3 + 1) = (4/3) / (5/3) = 4/5
+  #   c: recall 0/1 = 0; never predicted: precision 1.0 by MetaICL's rule
+  #      F1 = 2 * 1 * 0 / (1 + 0) = 0  (a never-predicted gold class always has recall 0)
+  #   MetaICL F1 = (1/2 + 4/5 + 0) / 3 = 13/30
+  #   sklearn: labels {a, b, c}; c's precision 0/0 -> 0 (zero_division=0), F1 0: also 13/30
+  #   accuracy: positions 0, 2, 3 correct = 3/5
+  assert evaluation.metaicl_f1(preds, golds) == pytest.approx(13 / 30, abs=1e-12)
+  assert evaluation.sklearn_f1(preds, golds) == pytest.approx(13 / 30, abs=1e-12)
+  assert evaluation.accuracy(preds, golds) == pytest.approx(3 / 5, abs=1e-12)
+
+  # Case B: a predicted label 'x' that is no gold class: sklearn averages over it, MetaICL not.
+  golds = ['a', 'a', 'b', 'b']
+  preds = ['a', 'x', 'b', 'b']
+  #   a: recall 1/2, precision 1/1 -> F1 = 2 * 1 * 1/2 / (3/2) = 2/3
+  #   b: recall 2/2, precision 2/2 -> F1 = 1
+  #   x (sklearn only): precision 0/1, recall 0/0 -> 0 (zero_division=0) -> F1 0
+  #   MetaICL F1 = (2/3 + 1) / 2 = 5/6;  sklearn F1 = (2/3 + 1 + 0) / 3 = 5/9
+  #   accuracy = 3/4
+  assert evaluation.metaicl_f1(preds, golds) == pytest.approx(5 / 6, abs=1e-12)
+  assert evaluation.sklearn_f1(preds, golds) == pytest.approx(5 / 9, abs=1e-12)
+  assert evaluation.accuracy(preds, golds) == pytest.approx(3 / 4, abs=1e-12)
+  m = evaluation.metrics(preds, golds)  # in percent
+  assert m == pytest.approx({'metaicl_f1': 500 / 6, 'sklearn_f1': 500 / 9, 'accuracy': 75.0})
+
+  # Case C: nothing right, and the only predicted label is no gold class.
+  golds = ['a', 'a', 'b']
+  preds = ['x', 'x', 'x']
+  #   a: recall 0, never predicted -> precision 1.0 -> F1 = 0;  b: likewise 0
+  #   MetaICL F1 = 0;  sklearn over {a, b, x}: all 0 -> 0
+  assert evaluation.metaicl_f1(preds, golds) == 0.0
+  assert evaluation.sklearn_f1(preds, golds) == 0.0
+  assert evaluation.accuracy(preds, golds) == 0.0
+
+  # Case D: a single gold class, always predicted right: 1 under both.
+  assert evaluation.metaicl_f1(['a', 'a'], ['a', 'a']) == 1.0
+  assert evaluation.sklearn_f1(['a', 'a'], ['a', 'a']) == 1.0
+
+
+def test_sklearn_f1_is_sklearn_and_equals_metaicl_when_labels_agree():
+  rng = np.random.default_rng(0)
+  for trial in range(20):
+    classes = ['red', 'blue', 'green', 'gold'][:2 + trial % 3]
+    golds = [classes[i] for i in rng.integers(0, len(classes), 12)]
+    # Half the trials predict labels outside the gold set too.
+    pool = classes + (['navy'] if trial % 2 else [])
+    preds = [pool[i] for i in rng.integers(0, len(pool), 12)]
+    ref = sklearn.metrics.f1_score(golds, preds, average='macro', zero_division=0)
+    assert evaluation.sklearn_f1(preds, golds) == pytest.approx(ref, abs=1e-12)
+    assert evaluation.accuracy(preds, golds) == pytest.approx(
+        np.mean([p == g for p, g in zip(preds, golds)]), abs=1e-12)
+    if set(preds) <= set(golds):  # same label set: per-class F1s coincide
+      assert evaluation.metaicl_f1(preds, golds) == pytest.approx(ref, abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope='module')
+def tok():
+  return synthetic.build_tokenizer()
+
+
+def enc(tok, text: str) -> list[int]:
+  ids = tok(text, add_special_tokens=False)['input_ids']
+  assert tok.unk_token_id not in ids, f'{text!r} has words outside the synthetic vocabulary'
+  return ids
+
+
+@pytest.fixture(scope='module')
+def lm(tmp_path_factory, tok):
+  d = tmp_path_factory.mktemp('gpt2_eval')
+  save_hf('gpt2', d, vocab_size=len(tok), n_positions=128)
+  return load_lm(str(d))
+
+
+OPTIONS = ['red', 'blue green', 'gold silver violet amber']  # 1, 2 and 4 words
+DEMOS = [  # the task's few-shot examples; X^L = the first two
+    {'input': 'the cat is on the table', 'output': 'red'},
+    {'input': 'a dog in the river', 'output': 'blue green'},
+    {'input': 'my apple', 'output': 'gold silver violet amber'},
+]
+QUERIES = [  # the last one has fewer options, in another order
+    {'input': 'the horse', 'output': 'red', 'options': OPTIONS},
+    {'input': 'an owl with a key', 'output': 'gold silver violet amber', 'options': OPTIONS},
+    {'input': 'bread and butter', 'output': 'blue green', 'options': ['blue green', 'red']},
+]
+
+
+@pytest.fixture(scope='module')
+def hand_task(tmp_path_factory, tok):
+  """(demos, queries) TokenizedTasks from two tiny hand-written jsonl files."""
+  d = tmp_path_factory.mktemp('hand')
+  paths = {}
+  for split, rows in (('train', [dict(r, options=OPTIONS) for r in DEMOS]), ('test', QUERIES)):
+    paths[split] = str(d / f'hand_16_100_{split}.jsonl')
+    with open(paths[split], 'w') as f:
+      for r in rows:
+        f.write(json.dumps({'task': 'hand', **r}) + '\n')
+  demos = load_tokenized(paths['train'], tok, str(d / 'cache'))
+  queries = load_tokenized(paths['test'], tok, str(d / 'cache'))
+  lens = [len(o) for o in queries.option_ids[0]]
+  assert lens == [2, 3, 5], lens  # "\n" + 1, 2, 4 words: options of different token lengths
+  return demos, queries
+
+
+def make_prompt(kind, lm, seed=0):
+  cfg = lm.config
+  r = jax.random.split(jax.random.key(seed), 2)
+  if kind == 'prefix':
+    shape = (cfg.n_layers, 1, P, cfg.n_kv_heads, cfg.head_dim)
+    return pgm.Prompt(kv=KV(jax.random.normal(r[0], shape), jax.random.normal(r[1], shape)))
+  if kind == 'embeds':
+    return pgm.Prompt(embeds=0.5 * jax.random.normal(r[0], (1, P, cfg.d_model)))
+  return None
+
+
+def metaicl_context(queries_raw_input: str, n_l: int) -> str:
+  """MetaICL's direct format by hand: demos as input "\\n" output, joined by "\\n\\n\\n"."""
+  parts = [DEMOS[j]['input'] + '\n' + DEMOS[j]['output'] for j in range(n_l)]
+  return '\n\n\n'.join(parts + [queries_raw_input])
+
+
+# ----------------------------------------------------------------------------- 2. scoring
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def full_logits(module, params, prompt, seqs):
+  """The frozen LM on each unpadded sequence of `seqs` (batch 1, no padding, no mask): full
+  logits [T, V] per sequence. One jit over the list: one compile, every sequence its own shape."""
+  out = []
+  for ids in seqs:
+    ids = ids[None]
+    if prompt is None:
+      logits = module.apply({'params': params}, ids).logits[0]
+    elif prompt.kv is not None:
+      logits = module.apply({'params': params}, ids, prefix=prompt.kv).logits[0]
+    else:  # the prompt's embeddings at positions 0..P-1, then the tokens' own embeddings
+      table = params[module.config.embed_param]
+      x = jnp.concatenate([prompt.embeds[0], jnp.take(table, ids[0], axis=0)])[None]
+      logits = module.apply({'params': params}, input_embeds=x).logits[0, P:]
+    out.append(logits)
+  return out
+
+
+def direct_option_nlls(lm, prompt, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
+  """Per (context, option) token lists: log-softmax over the full logits of context + option,
+  the mean NLL of the option's tokens."""
+  seqs = [jnp.asarray(ctx + y, jnp.int32) for ctx, y in pairs]
+  out = []
+  for (ctx, y), logits in zip(pairs, full_logits(lm.module, lm.params, prompt, seqs)):
+    logp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), np.float64)
+    n = len(ctx)
+    out.append(float(-np.mean([logp[n - 1 + j, t] for j, t in enumerate(y)])))
+  return out
+
+
+@pytest.mark.parametrize('kind,n_l', [('prefix', 2), ('embeds', 2), ('prefix', 0), (None, 2)])
+def test_score_options_equals_direct_computation(lm, tok, hand_task, kind, n_l):
+  demos, queries = hand_task
+  prompt = make_prompt(kind, lm)
+  # rows=4 over 8 (query, option) pairs... and 3 chunks: the last one padded with copies.
+  scores = evaluation.score_options(lm.module, lm.params, prompt, demos, list(range(n_l)),
+                                    queries, SPEC, rows=4)
+  assert [s.shape for s in scores] == [(3,), (3,), (2,)]
+  keys = [(q, o) for q, qr in enumerate(QUERIES) for o in range(len(qr['options']))]
+  refs = direct_option_nlls(lm, prompt, [
+      (enc(tok, metaicl_context(QUERIES[q]['input'], n_l)), enc(tok, '\n' + QUERIES[q]['options'][o]))
+      for q, o in keys])
+  worst = max(abs(float(scores[q][o]) - ref) / abs(ref) for (q, o), ref in zip(keys, refs))
+  print(f'\nscore_options vs direct ({kind}, n_L={n_l}): max rel diff {worst:.2e}')
+  assert worst <= SCORE_TOL
+  # predict = the option with the lowest mean NLL
+  preds = evaluation.predict(scores, queries)
+  assert preds == [qr['options'][int(np.argmin(s))] for qr, s in zip(QUERIES, scores)]
+
+
+def test_prompt_changes_scores(lm, hand_task):
+  """Not vacuous: the prompts reach the LM (different prompts, different scores)."""
+  demos, queries = hand_task
+  a, b, c = (evaluation.score_options(lm.module, lm.params, p, demos, [0, 1], queries, SPEC,
+                                      rows=4)
+             for p in (None, make_prompt('prefix', lm), make_prompt('embeds', lm)))
+  for x, y in ((a, b), (a, c), (b, c)):
+    assert max(np.abs(u - v).max() for u, v in zip(x, y)) > 1e-3
+
+
+# ----------------------------------------------------------------------------- 3. format
+
+
+@pytest.mark.parametrize('n_l', [2, 0])
+def test_lm_rows_are_metaicl_direct_format(lm, tok, hand_task, monkeypatch, n_l):
+  demos, queries = hand_task
+  seen = []
+
+  def spy(eps, spec, pgm_len, lm_len, tgt_len):
+    out = episodes_mod.collate(eps, spec, pgm_len, lm_len, tgt_len)
+    seen.append(out)
+    return out
+
+  monkeypatch.setattr(evaluation, 'collate', spy)
+  evaluation.score_options(lm.module, lm.params, None, demos, list(range(n_l)), queries, SPEC,
+                           rows=4)
+  batch = {k: np.concatenate([b[k] for b in seen]) for k in seen[0]}
+  pairs = [(q, o) for q, qr in enumerate(QUERIES) for o in range(len(qr['options']))]
+  assert len(batch['lm_ids']) >= len(pairs)
+  for i, (q, o) in enumerate(pairs):
+    qr = QUERIES[q]
+    text = metaicl_context(qr['input'], n_l) + '\n' + qr['options'][o]
+    want = enc(tok, text)
+    n = int(batch['lm_mask'][i].sum())
+    assert batch['lm_ids'][i, :n].tolist() == want, (q, o, text)
+    assert (batch['lm_mask'][i, :n] == 1).all() and not batch['lm_ids'][i, n:].any()
+    y = enc(tok, '\n' + qr['options'][o])
+    ny = int(batch['target_mask'][i].sum())
+    assert batch['target_ids'][i, :ny].tolist() == y
+    assert batch['target_pos'][i, :ny].tolist() == list(range(n - len(y) - 1, n - 1))
+  # One row written out by hand: the first query with its 4-word option.
+  i = pairs.index((0, 2))
+  n = int(batch['lm_mask'][i].sum())
+  toks = tok.convert_ids_to_tokens(batch['lm_ids'][i, :n].tolist())
+  query = ['the', 'horse', '\n', 'gold', 'silver', 'violet', 'amber']
+  if n_l == 2:
+    assert toks == (['the', 'cat', 'is', 'on', 'the', 'table', '\n', 'red', '\n', '\n', '\n',
+                     'a', 'dog', 'in', 'the', 'river', '\n', 'blue', 'green', '\n', '\n', '\n']
+                    + query)
+  else:
+    assert toks == query  # no demonstrations: the query's input is bare
+
+
+# ----------------------------------------------------------------------------- 6. the control
+
+
+def test_metal_shuffled_reads_another_tasks_examples_same_seed(lm, tok, tmp_path, monkeypatch):
+  d = str(tmp_path / 'suite')
+  setting = synthetic.write_suite(d, n_train_tasks=0, n_test_tasks=3, n_train_examples=1,
+                                  n_test_examples=4)
+  seeds = [100, 13]
+  task_seeds = evaluation.load_task_seeds(d, setting['test'], seeds, tok,
+                                          str(tmp_path / 'cache'), 256)
+  by_key = {(ts.task, ts.seed): ts for ts in task_seeds}
+  cfg = pgm.PGMConfig(prompt_len=P, lstm_layers=1, lora=lora.LoraConfig(rank=4, alpha=8.0))
+  trainable = pgm.init_trainable(jax.random.key(0), lm.config, cfg)
+
+  calls, others_seen = [], []
+  orig_method_prompt, orig_prompt_for = evaluation.method_prompt, evaluation.prompt_for
+
+  def method_spy(method, ts, **kw):
+    others_seen.append(kw['others'])
+    calls.append({'method': method, 'task': ts.task, 'seed': ts.seed})
+    return orig_method_prompt(method, ts, **kw)
+
+  def prompt_spy(cfg_, module, params, trainable_, demos, prompt_idx, spec):
+    out = orig_prompt_for(cfg_, module, params, trainable_, demos, prompt_idx, spec)
+    calls[-1].update(demos=demos, prompt_idx=list(prompt_idx), prompt=out)
+    return out
+
+  monkeypatch.setattr(evaluation, 'method_prompt', method_spy)
+  monkeypatch.setattr(evaluation, 'prompt_for', prompt_spy)
+  spec = EpisodeSpec(n_prompt_examples=16, prompt_len=P, max_len=128)
+  res = evaluation.evaluate(lm, cfg, trainable, task_seeds, spec, ['metal', 'metal_shuffled'],
+                            (16, 0), str(tmp_path / 'out'), progress=False)
+
+  others = others_seen[0]
+  assert set(others) == set(by_key)
+  for (task, seed), source in others.items():
+    match = [k for k, ts in by_key.items() if ts.train is source]
+    assert len(match) == 1, 'others[] must be one test task\'s few-shot examples'
+    o_task, o_seed = match[0]
+    assert o_task != task and o_seed == seed, ((task, seed), match[0])
+  # Every task serves as another's source (a permutation, not one task for all).
+  assert sorted(by_key[k].task for k in by_key) == sorted(
+      next(t for (t, s), ts in by_key.items() if ts.train is others[k]) for k in by_key)
+
+  assert len(calls) == 2 * len(task_seeds)
+  metal = {(c['task'], c['seed']): c for c in calls if c['method'] == 'metal'}
+  for c in calls:
+    key = (c['task'], c['seed'])
+    assert c['prompt_idx'] == list(range(16))
+    if c['method'] == 'metal':
+      assert c['demos'] is by_key[key].train
+    else:
+      assert c['demos'] is others[key] and c['demos'] is not by_key[key].train
+      # The very prompt the PGM made for the other task under the same seed.
+      src = next(k for k, ts in by_key.items() if ts.train is c['demos'])
+      for a, b in zip(jax.tree.leaves(c['prompt']), jax.tree.leaves(metal[src]['prompt'])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+      diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(
+          jax.tree.leaves(c['prompt']), jax.tree.leaves(metal[key]['prompt'])))
+      assert diff > 1e-4  # and not this task's own prompt
+  assert res['methods']['metal_shuffled']['cost']['forward_passes_per_task'] == 1
+
+
+# ----------------------------------------------------------------------------- 4. end to end
+
+
+def default_config():
+  spec = importlib.util.spec_from_file_location('default_config', ROOT / 'configs' / 'default.py')
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+E2E_METHODS = ['zero_shot', 'icl', 'metal', 'metal_shuffled', 'soft_prompt', 'bbtv2']
+E2E_SEEDS = [100, 13]
+
+
+@pytest.fixture(scope='module')
+def trained_run(tmp_path_factory, tok):
+  """A tiny train.py run (2 steps) and its first evaluation; returns (workdir, markdown)."""
+  model_dir = tmp_path_factory.mktemp('run_model')
+  save_hf('gpt2', model_dir, vocab_size=len(tok), n_positions=128)
+  tok.save_pretrained(str(model_dir))
+  c = default_config()
+  c.model = str(model_dir)
+  c.data_dir = ''
+  c.synthetic.update(n_train_tasks=4, n_test_tasks=2, n_train_examples=48, n_test_examples=8)
+  c.pgm.prompt_len = P
+  c.pgm.lstm_layers = 1
+  c.lora.rank = 4
+  c.batch_size = 4
+  c.num_steps = 2
+  c.mesh.update(data=2, fsdp=2, tensor=2)
+  c.log_every = 1
+  c.progress = False
+  c.async_checkpoints = False
+  workdir = str(tmp_path_factory.mktemp('run'))
+  training.train(c, workdir)
+  md = run_eval.main(workdir=workdir, seeds=','.join(map(str, E2E_SEEDS)),
+                     methods=','.join(E2E_METHODS), bbt_budget=10, progress=False)
+  return workdir, md
+
+
+def read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def test_end_to_end_outputs_are_consistent(trained_run):
+  workdir, md = trained_run
+  out = os.path.join(workdir, 'eval')
+  for name in ('results.json', 'results.md', 'f1.png'):
+    assert os.path.isfile(os.path.join(out, name)), name
+  with open(os.path.join(out, 'results.json')) as f:
+    results = json.load(f)
+  with open(os.path.join(out, 'results.md')) as f:
+    assert f.read() == md
+  with open(os.path.join(out, 'f1.png'), 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  tasks = results['tasks']
+  setting = json.load(open(os.path.join(workdir, 'data', 'setting.json')))
+  assert tasks == setting['test'] and len(tasks) == 2
+  assert results['seeds'] == sorted(E2E_SEEDS) and results['split'] == [16, 0]
+  assert list(results['methods']) == E2E_METHODS
+
+  # Every method, task and seed has its prediction file, and nothing else is there.
+  want = {(m, f'{t}_{s}.jsonl') for m in E2E_METHODS for t in tasks for s in E2E_SEEDS}
+  have = {(m, f) for m in os.listdir(os.path.join(out, 'predictions'))
+          for f in os.listdir(os.path.join(out, 'predictions', m))}
+  assert have == want
+
+  # Per-example files are consistent with the test split and with their own scores.
+  for m in E2E_METHODS:
+    for t in tasks:
+      for s in E2E_SEEDS:
+        rows = read_jsonl(os.path.join(out, 'predictions', m, f'{t}_{s}.jsonl'))
+        test = read_jsonl(synthetic.few_shot_path(os.path.join(workdir, 'data'), t, s, 'test'))
+        assert len(rows) == len(test) == 8
+        for r, e in zip(rows, test):
+          assert (r['input'], r['gold'], r['options']) == (e['input'], e['output'], e['options'])
+          assert len(r['scores']) == len(r['options']) and np.isfinite(r['scores']).all()
+          assert r['prediction'] == r['options'][int(np.argmin(r['scores']))]
+
+  # Means in results.json == recomputed from the prediction files (library and by hand).
+  recomputed = evaluation.recompute_from_predictions(out, results)
+  for m in E2E_METHODS:
+    mean = results['methods'][m]['mean']
+    assert recomputed[m] == pytest.approx(mean, abs=1e-9)
+    per_task = []
+    for t in tasks:
+      per_seed = []
+      for s in E2E_SEEDS:
+        rows = read_jsonl(os.path.join(out, 'predictions', m, f'{t}_{s}.jsonl'))
+        f1 = 100 * evaluation.metaicl_f1([r['prediction'] for r in rows], [r['gold'] for r in rows])
+        assert results['methods'][m]['tasks'][t]['seeds'][str(s)]['metaicl_f1'] == \
+            pytest.approx(f1, abs=1e-9)
+        per_seed.append(f1)
+      per_task.append(np.mean(per_seed))
+    assert mean['metaicl_f1'] == pytest.approx(np.mean(per_task), abs=1e-9)
+    # results.md prints each method's mean MetaICL F1 (first metric column) as stored.
+    row = next(line for line in md.splitlines() if line.startswith(f'| {m} |'))
+    assert row.split('|')[2].strip() == f'{mean["metaicl_f1"]:.2f}'
+
+  # Costs: prompt construction only (scoring excluded).
+  cost = {m: results['methods'][m]['cost'] for m in E2E_METHODS}
+  assert cost['metal']['forward_passes_per_task'] == 1
+  assert cost['metal']['backward_passes_per_task'] == 0
+  assert cost['metal_shuffled']['forward_passes_per_task'] == 1
+  for m in ('zero_shot', 'icl'):
+    assert cost[m]['forward_passes_per_task'] == cost[m]['backward_passes_per_task'] == 0
+  assert cost['soft_prompt']['forward_passes_per_task'] == 10  # 10 epochs of one batch of 16
+  assert cost['soft_prompt']['backward_passes_per_task'] == 10
+  assert cost['bbtv2']['forward_passes_per_task'] == 10  # budget 10 = 2 generations of 5
+  assert cost['bbtv2']['backward_passes_per_task'] == 0
+  assert results['not_implemented'] == {}
+
+
+def test_rlprompt_listed_as_not_implemented():
+  methods, missing = run_eval.resolve_methods('all')
+  assert 'rlprompt' in missing and 'not implemented' in missing['rlprompt']
+  assert 'rlprompt' not in methods
+  assert set(evaluation.BUILTIN_METHODS) <= set(methods)
+  with pytest.raises(ValueError, match='unknown'):
+    run_eval.resolve_methods('metal,nonsense')
+
+
+# ----------------------------------------------------------------------------- 5. reruns
+
+
+def snapshot(directory: str) -> dict:
+  out = {}
+  for root, _, files in os.walk(directory):
+    for f in files:
+      p = os.path.join(root, f)
+      with open(p, 'rb') as fh:
+        out[os.path.relpath(p, directory)] = hashlib.sha256(fh.read()).hexdigest()
+  return out
+
+
+def test_rerun_replaces_eval_and_failed_rerun_leaves_it_intact(trained_run, tmp_path,
+                                                               monkeypatch):
+  src, _ = trained_run
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(src, workdir)  # the first eval comes along; the trained run stays pristine
+  out = os.path.join(workdir, 'eval')
+  first = json.load(open(os.path.join(out, 'results.json')))
+  junk = os.path.join(out, 'predictions', 'metal', 'stale_task_100.jsonl')
+  with open(junk, 'w') as f:
+    f.write('{"prediction": "junk"}\n')
+  before = snapshot(out)
+
+  # A rerun that fails midway (the second score_options call raises).
+  orig = evaluation.score_options
+  n_calls = [0]
+
+  def failing(*a, **kw):
+    n_calls[0] += 1
+    if n_calls[0] > 1:
+      raise RuntimeError('injected failure')
+    return orig(*a, **kw)
+
+  monkeypatch.setattr(evaluation, 'score_options', failing)
+  with pytest.raises(RuntimeError, match='injected failure'):
+    run_eval.main(workdir=workdir, seeds='100,13', methods='zero_shot,metal', progress=False)
+  assert n_calls[0] == 2
+  assert snapshot(out) == before  # the earlier eval/ untouched, junk and all
+  leftovers = sorted(n for n in os.listdir(workdir) if n.startswith('eval') and n != 'eval')
+  monkeypatch.setattr(evaluation, 'score_options', orig)
+
+  # A successful rerun with fewer methods: eval/ is replaced wholesale.
+  md = run_eval.main(workdir=workdir, seeds='100,13', methods='metal,rlprompt', progress=False)
+  assert not os.path.exists(junk)
+  assert os.listdir(os.path.join(out, 'predictions')) == ['metal']
+  tasks = first['tasks']
+  assert sorted(os.listdir(os.path.join(out, 'predictions', 'metal'))) == sorted(
+      f'{t}_{s}.jsonl' for t in tasks for s in (100, 13))
+  second = json.load(open(os.path.join(out, 'results.json')))
+  assert list(second['methods']) == ['metal']
+  assert second['methods']['metal']['tasks'] == first['methods']['metal']['tasks']  # same numbers
+  assert 'rlprompt' in second['not_implemented']
+  assert any(line.startswith('| rlprompt | not implemented') for line in md.splitlines())
+  assert sorted(n for n in os.listdir(workdir) if n.startswith('eval')) == ['eval']
+  # Checked last so that the rest of the contract is verified either way.
+  assert leftovers == [], f'a failed eval left partial output behind: {leftovers}'
