@@ -460,3 +460,16 @@ def test_prompt_save_load_round_trip(tmp_path, models, batch8, design):
                                                    b['lm_mask'],
                                                    logit_positions=b['target_pos']).logits)
   np.testing.assert_array_equal(np.asarray(apply(loaded)), np.asarray(apply(prompt)))
+
+
+def test_resume_refuses_changed_config():
+  """Resuming under a config that changes the schedule or data is refused, naming the fields."""
+  saved = json.loads(default_config().to_json_best_effort())
+  ok = json.loads(json.dumps(saved))
+  ok['stop_at'], ok['log_every'], ok['mesh']['fsdp'] = 7, 3, 2  # harmless for the numbers
+  training.check_resume_config(saved, ok, '/ckpt')
+  bad = json.loads(json.dumps(saved))
+  bad['num_steps'] += 1
+  bad['optim']['lr'] *= 2
+  with pytest.raises(ValueError, match=r'/ckpt: .*num_steps \(400 -> 401\).*optim\.lr'):
+    training.check_resume_config(saved, bad, '/ckpt')

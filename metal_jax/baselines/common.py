@@ -29,6 +29,7 @@ import optax
 from metal_jax import objective
 from metal_jax.data.episodes import EpisodeSpec, batch_shapes, build_episode, collate
 from metal_jax.data.tasks import TokenizedTask
+from metal_jax.models import KV
 from metal_jax.pgm import Prompt, apply_with_prompt
 
 BATCH_KEYS = ('lm_ids', 'lm_mask', 'target_pos', 'target_ids', 'target_mask')
@@ -170,6 +171,35 @@ def tune(init_params: Any, to_prompt: Callable[[Any], Prompt], module, params: d
 @functools.partial(jax.jit, static_argnums=0)
 def make_prompt(to_prompt, trainable) -> Prompt:
   return to_prompt(trainable)
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderPrompt:
+  """A reparameterised prompt: a parameter-only Linen module's output -> Prompt.
+
+  `kind` 'embeds': the module gives [P, D] input embeddings; 'kv': it gives
+  per-layer prefixes [L, 2, P, K, H]. Hashable, so tune() compiles once per shape.
+  """
+  encoder: Any  # a Linen module with no inputs
+  kind: str
+
+  def __call__(self, p) -> Prompt:
+    out = self.encoder.apply({'params': p})
+    if self.kind == 'embeds':
+      return Prompt(embeds=out[None])
+    return Prompt(kv=KV(out[:, 0][:, None], out[:, 1][:, None]))
+
+
+def tune_encoder(to_prompt: EncoderPrompt, module, params: dict, task: TokenizedTask,
+                 idx: Sequence[int], spec: EpisodeSpec, hp: dict, rng) -> TuneResult:
+  """Initialises the encoder and tunes its weights on the examples idx (P-tuning, Prefix-tuning)."""
+  r_init, r_shuffle = jax.random.split(as_key(rng))
+  init = init_module(to_prompt.encoder, r_init)
+  batch = train_batch(task, idx, spec_for(spec, hp['prompt_len']))
+  trained, losses = tune(init, to_prompt, module, params, batch, lr=hp['lr'],
+                         epochs=hp['epochs'], batch_size=hp['batch_size'], rng=r_shuffle,
+                         weight_decay=hp['weight_decay'])
+  return gradient_result(trained, to_prompt, losses)
 
 
 def gradient_result(trainable, to_prompt, losses: list[float], note: str = '') -> TuneResult:

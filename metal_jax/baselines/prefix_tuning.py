@@ -12,16 +12,13 @@ batch 16, prompt length 20.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Sequence
 
 import flax.linen as nn
-import jax
 
 from metal_jax.baselines import common
 from metal_jax.data.episodes import EpisodeSpec
 from metal_jax.data.tasks import TokenizedTask
-from metal_jax.models import KV
 from metal_jax.pgm import Prompt
 
 DEFAULTS = dict(lr=2e-4, epochs=10, batch_size=16, prompt_len=20, hidden=512, weight_decay=0.0)
@@ -45,25 +42,6 @@ class PrefixEncoder(nn.Module):
     return x.reshape(p, l, 2, k, h).transpose(1, 2, 0, 3, 4)  # [L, 2, P, K, H]
 
 
-@dataclasses.dataclass(frozen=True)
-class PrefixPrompt:
-  """The encoder's params -> Prompt(kv=KV([L, 1, P, K, H], [L, 1, P, K, H]))."""
-  prompt_len: int
-  d_model: int
-  hidden: int
-  n_layers: int
-  n_kv_heads: int
-  head_dim: int
-
-  def encoder(self) -> PrefixEncoder:
-    return PrefixEncoder(self.prompt_len, self.d_model, self.hidden, self.n_layers,
-                         self.n_kv_heads, self.head_dim)
-
-  def __call__(self, p) -> Prompt:
-    kv = self.encoder().apply({'params': p})
-    return Prompt(kv=KV(kv[:, 0][:, None], kv[:, 1][:, None]))
-
-
 def run(module, params: dict, task: TokenizedTask, idx: Sequence[int], spec: EpisodeSpec, *, rng,
         init_prompt: Prompt | None = None, **hparams) -> common.TuneResult:
   hp = common.merge_hparams('prefix_tuning', DEFAULTS, hparams)
@@ -71,12 +49,7 @@ def run(module, params: dict, task: TokenizedTask, idx: Sequence[int], spec: Epi
     raise ValueError('prefix_tuning: init_prompt is not supported (use metal_tune to tune a '
                      'given prefix directly)')
   cfg = module.config
-  r_init, r_shuffle = jax.random.split(common.as_key(rng))
-  to_prompt = PrefixPrompt(hp['prompt_len'], cfg.d_model, hp['hidden'], cfg.n_layers,
-                           cfg.n_kv_heads, cfg.head_dim)
-  init = common.init_module(to_prompt.encoder(), r_init)
-  batch = common.train_batch(task, idx, common.spec_for(spec, hp['prompt_len']))
-  trained, losses = common.tune(init, to_prompt, module, params, batch, lr=hp['lr'],
-                                epochs=hp['epochs'], batch_size=hp['batch_size'], rng=r_shuffle,
-                                weight_decay=hp['weight_decay'])
-  return common.gradient_result(trained, to_prompt, losses)
+  encoder = PrefixEncoder(hp['prompt_len'], cfg.d_model, hp['hidden'], cfg.n_layers,
+                          cfg.n_kv_heads, cfg.head_dim)
+  return common.tune_encoder(common.EncoderPrompt(encoder, 'kv'), module, params, task, idx,
+                             spec, hp, rng)
