@@ -44,6 +44,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.remat = False
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the rest
   c.distributed = False  # jax.distributed.initialize() (multi-host TPU pods / GPU nodes)
+  c.coordinator_address = ''  # '' = auto-detect; else 'host:port' with num_processes, process_id
+  c.num_processes = 1
+  c.process_id = 0
 
   c.seed = 0
   c.save_every = 100

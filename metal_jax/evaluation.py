@@ -45,7 +45,8 @@ def metaicl_f1(predictions: Sequence[str], golds: Sequence[str]) -> float:
 def sklearn_f1(predictions: Sequence[str], golds: Sequence[str]) -> float:
   """scikit-learn's macro-F1 over the union of gold and predicted labels (0 for a never-predicted class)."""
   from sklearn.metrics import f1_score
-  return float(f1_score(golds, predictions, average='macro', zero_division=0))
+  return float(f1_score([g.strip() for g in golds], [p.strip() for p in predictions],
+                        average='macro', zero_division=0))
 
 
 def accuracy(predictions: Sequence[str], golds: Sequence[str]) -> float:
@@ -213,6 +214,9 @@ def evaluate(lm, pgm_cfg, trainable, task_seeds: Sequence[TaskSeed], spec: Episo
 
   hparams = hparams or {}
   tasks = list(dict.fromkeys(ts.task for ts in task_seeds))
+  if 'metal_shuffled' in methods and len(tasks) < 2:
+    raise ValueError('the metal_shuffled control needs at least 2 test tasks (it reads X^P from '
+                     'another task)')
   by_key = {(ts.task, ts.seed): ts for ts in task_seeds}
   # The control: X^P taken from the next test task (same seed).
   others = {(ts.task, ts.seed): by_key[(tasks[(tasks.index(ts.task) + 1) % len(tasks)], ts.seed)].train

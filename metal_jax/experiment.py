@@ -145,10 +145,22 @@ class Setup:
 def setup(config, workdir: str) -> Setup:
   """Data, tokenizer, base LM (pretrained first if built in), mesh, sharded frozen params."""
   validate(config)
-  data_dir, setting = data_location(config, workdir)
-  tokenizer = tokenizer_for(config, workdir)
-  tasks = meta_train_tasks(config, data_dir, setting, tokenizer, workdir)
-  lm_dir = model_source(config, workdir, tokenizer, tasks)
+
+  def prepare():
+    data_dir, setting = data_location(config, workdir)
+    tokenizer = tokenizer_for(config, workdir)
+    tasks = meta_train_tasks(config, data_dir, setting, tokenizer, workdir)
+    return data_dir, setting, tokenizer, tasks, model_source(config, workdir, tokenizer, tasks)
+
+  if jax.process_count() == 1:
+    data_dir, setting, tokenizer, tasks, lm_dir = prepare()
+  else:  # process 0 writes the shared files (suite, token cache, base LM); the others then read
+    from jax.experimental import multihost_utils
+    if jax.process_index() == 0:
+      data_dir, setting, tokenizer, tasks, lm_dir = prepare()
+    multihost_utils.sync_global_devices('metal_jax: data and base LM prepared')
+    if jax.process_index() != 0:
+      data_dir, setting, tokenizer, tasks, lm_dir = prepare()
   mesh = sharding.make_mesh(config.mesh.to_dict())
   lm, param_sh = load_model(config, lm_dir, mesh)
   return Setup(data_dir, setting, tokenizer, tasks, lm_dir, mesh, lm, param_sh,

@@ -68,11 +68,15 @@ def main(*, workdir: str, split: str = '', seeds: str = '100,13,21,42', methods:
   tmp = f'{final}.tmp-{os.getpid()}'
   shutil.rmtree(tmp, ignore_errors=True)
   t0 = time.time()
-  results = evaluation.evaluate(lm, pgm_cfg, trainable, task_seeds, spec, method_list, split_t,
-                                tmp, hparams=hparams, seed=config.seed, progress=progress)
-  results.update(checkpoint_step=step, workdir=os.path.abspath(workdir),
-                 not_implemented=not_implemented, wall_s=time.time() - t0)
-  md = evaluation.write_report(tmp, results)
+  try:
+    results = evaluation.evaluate(lm, pgm_cfg, trainable, task_seeds, spec, method_list, split_t,
+                                  tmp, hparams=hparams, seed=config.seed, progress=progress)
+    results.update(checkpoint_step=step, workdir=os.path.abspath(workdir),
+                   not_implemented=not_implemented, wall_s=time.time() - t0)
+    md = evaluation.write_report(tmp, results)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)  # no partial output; the earlier eval/ stays
+    raise
   # Replace the previous eval/ only now, so a failed run never leaves stale or partial results.
   old = f'{final}.old-{os.getpid()}'
   if os.path.exists(final):

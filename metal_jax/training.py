@@ -181,7 +181,8 @@ def restore_config(workdir: str, step: int | None = None) -> tuple[dict, int]:
 
 # Config fields a resumed run may change: they affect neither the numbers nor the data order.
 RESUMABLE_CHANGES = ('stop_at', 'log_every', 'progress', 'save_every', 'keep_checkpoints',
-                     'async_checkpoints', 'distributed', 'mesh', 'remat', 'scan_layers')
+                     'async_checkpoints', 'distributed', 'coordinator_address', 'num_processes',
+                     'process_id', 'mesh', 'remat', 'scan_layers')
 
 
 def check_resume_config(saved: dict, current: dict, directory: str) -> None:
@@ -269,6 +270,18 @@ __all__ = ['OptimConfig', 'make_optimizer', 'init_state', 'make_train_step', 'ji
 # ----------------------------------------------------------------------------- the loop
 
 
+def initialize_distributed(config) -> None:
+  """jax.distributed.initialize(): auto-detected on TPU pods / SLURM / MPI, or from the config
+  (coordinator_address, num_processes, process_id), e.g. several CPU processes on one machine."""
+  kw = {}
+  if config.coordinator_address:
+    kw = dict(coordinator_address=config.coordinator_address,
+              num_processes=config.num_processes, process_id=config.process_id)
+  if os.environ.get('JAX_PLATFORMS', '') == 'cpu':
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU processes talk via gloo
+  jax.distributed.initialize(**kw)
+
+
 def parameter_counts(params, trainable) -> dict:
   total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
@@ -287,7 +300,7 @@ def train(config, workdir: str) -> dict:
   from metal_jax.data.episodes import EpisodeSampler
 
   if config.distributed:
-    jax.distributed.initialize()
+    initialize_distributed(config)
   lead = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   run = experiment.setup(config, workdir)
