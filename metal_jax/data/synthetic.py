@@ -86,9 +86,9 @@ VOCAB = (EOS, UNK, NEWLINE) + LABEL_WORDS + CONTENT_WORDS + FILLER_WORDS
 
 FAMILIES = ('kw_cls', 'first_word')
 N_CLASSES = (2, 3, 4)
-KEYS_PER_CLASS = (1, 2)  # triggers (kw_cls) or cues (first_word) per class
-KW_FILLER_LEN = (0, 2)  # inclusive range of filler words around the trigger
-FW_REST_LEN = (1, 2)  # inclusive range of words after the cue
+KEYS_PER_CLASS = (2, 3)  # triggers (kw_cls) or cues (first_word) per class
+KW_FILLER_LEN = (1, 3)  # inclusive range of filler words around the trigger
+FW_REST_LEN = (2, 3)  # inclusive range of words after the cue
 FW_DISTRACTOR_P = 0.25  # chance that a word after the cue is another class's cue
 
 
