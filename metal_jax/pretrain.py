@@ -59,7 +59,8 @@ def pretrain(model_cfg: GPT2Config, tasks: list[TokenizedTask], tokenizer, cfg: 
              out_dir: str) -> str:
   """Trains (or reuses) the base LM; returns its checkpoint directory."""
   key = hashlib.sha256(json.dumps(
-      [dataclasses.asdict(cfg), model_cfg.to_hf(), sorted(t.path for t in tasks)],
+      [dataclasses.asdict(cfg), model_cfg.to_hf(),
+       sorted(f'{os.path.basename(t.path)}:{t.fingerprint}' for t in tasks)],
       sort_keys=True).encode()).hexdigest()[:16]
   done = os.path.join(out_dir, 'pretrain.json')
   if os.path.exists(done) and json.load(open(done)).get('key') == key:
@@ -84,7 +85,7 @@ def pretrain(model_cfg: GPT2Config, tasks: list[TokenizedTask], tokenizer, cfg: 
     updates, opt_state = tx.update(g, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  t0 = time.time()
+  t0, loss = time.time(), float('nan')  # steps=0: the randomly initialised LM, saved as is
   bar = tqdm(range(cfg.steps), desc='pretrain base LM', dynamic_ncols=True)
   for s in bar:
     params, opt_state, loss = step(params, opt_state, jnp.asarray(lm_batch(tasks, cfg, s)))

@@ -152,8 +152,9 @@ def _tokenize_batch(batch, tokenizer, max_example_len):
 class TokenizedTask:
   """One task file's examples, tokenised: lists of int32 arrays per field."""
 
-  def __init__(self, path: str, columns: dict):
+  def __init__(self, path: str, columns: dict, fingerprint: str = ''):
     self.path = path
+    self.fingerprint = fingerprint  # content + tokenizer key ('' when built in memory)
     self.input_first = [np.asarray(x, np.int32) for x in columns['input_first']]
     self.input_rest = [np.asarray(x, np.int32) for x in columns['input_rest']]
     self.output_ids = [np.asarray(x, np.int32) for x in columns['output_ids']]
@@ -181,7 +182,7 @@ def load_tokenized(path: str, tokenizer, cache_dir: str, max_example_len: int = 
   key = f'{_file_digest(path)}-{tokenizer_fingerprint(tokenizer)}-{max_example_len}'
   cache_file = os.path.join(cache_dir, f'{Path(path).stem}-{key}.arrow')
   if os.path.exists(cache_file):
-    return TokenizedTask(path, datasets.Dataset.from_file(cache_file).to_dict())
+    return TokenizedTask(path, datasets.Dataset.from_file(cache_file).to_dict(), key)
   validate_jsonl(path)  # only files that pass ever reach the cache
   os.makedirs(cache_dir, exist_ok=True)
   # datasets' own JSON cache is keyed by path and mtime, not content: give it a directory per
@@ -196,4 +197,4 @@ def load_tokenized(path: str, tokenizer, cache_dir: str, max_example_len: int = 
   del ds
   os.replace(tmp, cache_file)
   shutil.rmtree(os.path.join(cache_dir, 'json', key), ignore_errors=True)
-  return TokenizedTask(path, columns)
+  return TokenizedTask(path, columns, key)
