@@ -8,6 +8,8 @@ Resumes from the latest checkpoint in --workdir by itself.
 """
 
 import logging
+import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -18,11 +20,36 @@ config_flags.DEFINE_config_file('config', 'configs/default.py', 'experiment conf
 flags.DEFINE_string('workdir', 'runs/default', 'where checkpoints, metrics and data go')
 
 
+def run(config, workdir: str) -> dict:
+  """training.train(); in a multi-process job, a process that fails exits at once.
+
+  Raising normally would run JAX's atexit handler, which waits at the coordination service's
+  shutdown barrier for the other processes; they are blocked in a collective waiting for this
+  one, so every process would hang for shutdown_timeout (5 minutes) and then abort with
+  "Shutdown barrier has failed", far from the real error. os._exit skips the barrier: the
+  coordination service sees this process's heartbeats stop (within heartbeat_timeout, 100 s)
+  and stops the others ("tasks have crashed"); if this is process 0, which hosts the service,
+  the others stop at once.
+  """
+  try:
+    return training.train(config, workdir)
+  except BaseException:
+    import jax
+    if not (config.distributed and jax.distributed.is_initialized()):
+      raise
+    logging.exception('this process (process_id %s) failed; exiting without the shutdown '
+                      'barrier', config.process_id if config.coordinator_address else 'auto')
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+
+
 def main(argv):
   del argv
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
   logging.getLogger('absl').setLevel(logging.WARNING)
-  summary = training.train(flags.FLAGS.config, flags.FLAGS.workdir)
+  summary = run(flags.FLAGS.config, flags.FLAGS.workdir)
   logging.info('done: %d steps, last %s; checkpoints in %s', summary['steps'], summary['last'],
                summary['checkpoint_dir'])
 

@@ -222,7 +222,10 @@ class _Tensors:
     path = self.file_of[key]
     if path.endswith('.safetensors'):
       from safetensors import safe_open
-      with jax.default_device(jax.devices('cpu')[0]), safe_open(path, framework='flax') as f:
+      # This process's own CPU device: jax.devices() lists every process's devices, and under
+      # jax.distributed the first is process 0's, which another process cannot read back.
+      with jax.default_device(jax.local_devices(backend='cpu')[0]), \
+          safe_open(path, framework='flax') as f:
         return np.asarray(f.get_tensor(key))
     t = self._torch_file(path)[key]
     import torch
