@@ -255,6 +255,21 @@ def test_bbtv2_deterministic_and_leaves_numpy_rng(data, models):
   np.testing.assert_array_equal(np.asarray(runs[0].prompt.kv.k), np.asarray(runs[1].prompt.kv.k))
 
 
+def test_bbtv2_cached_projections_equal_drawn_ones(data, models, monkeypatch):
+  """Projections drawn once per task (small LMs) give the run that redraws them every generation."""
+  shots, _ = data
+  lm = models['gpt2']
+  run = lambda: baselines.METHODS['bbtv2'](lm.module, lm.params, shots, range(16), SPEC,
+                                           rng=jax.random.key(3), budget=30, **BBT)
+  cached = run()
+  monkeypatch.setattr(bbtv2, 'CACHE_BYTES', 0)  # force drawing A_l at every generation
+  drawn = run()
+  np.testing.assert_allclose(cached.losses, drawn.losses, rtol=1e-6)
+  for a, b in ((cached.prompt.kv.k, drawn.prompt.kv.k), (cached.prompt.kv.v, drawn.prompt.kv.v)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+  assert len(cached.losses) == 6 and cached.losses[-1] < cached.losses[0]
+
+
 # ----------------------------------------------------------------------------- registry
 
 
