@@ -18,7 +18,8 @@ flags.DEFINE_string('workdir', 'runs/default', 'the train.py run to evaluate')
 flags.DEFINE_string('split', '', '(n_P, n_L) as "16,0", "12,4" or "8,8"; default: the training split')
 flags.DEFINE_string('seeds', '100,13,21,42', 'few-shot seeds (MetaICL: 100,13,21,42,87)')
 flags.DEFINE_string('methods', 'all', 'comma list, or "all" (every implemented method)')
-flags.DEFINE_integer('bbt_budget', 0, 'BBTv2 forward-pass budget per task; 0 = the method default')
+flags.DEFINE_integer('bbt_budget', 0, 'BBTv2 forward passes per task; 0 = the run config\'s eval.bbt_budget '
+                     '(the default config: 480), else the paper\'s 3,840')
 flags.DEFINE_string('out', '', 'output directory; default WORKDIR/eval')
 flags.DEFINE_bool('progress', True, 'show a progress bar')
 

@@ -50,6 +50,7 @@ def paper_config(model: str, setting: str, split: str | None = None):
   c.optim.warmup_steps = 0
   c.optim.clip_norm = 0.0
   c.batch_size = 16
+  c.eval.bbt_budget = 0  # BBTv2: the paper's 3,840 forward passes per task
   c.save_every = 1000
   c.log_every = 50
   # Large models: bf16 compute over float32 trainables, scanned + rematerialised layers,

@@ -62,6 +62,8 @@ def main(*, workdir: str, split: str = '', seeds: str = '100,13,21,42', methods:
       config.max_example_len)
   log.info('evaluating step %d of %s on %d test tasks x %d seeds, split %s, methods %s', step,
            workdir, len(setting['test']), len(seed_list), split_t, method_list)
+  # BBTv2's budget: the flag, else the run config's eval.bbt_budget, else the method default.
+  bbt_budget = bbt_budget or int(config.get('eval', {}).get('bbt_budget', 0))
   hparams = {'bbtv2': {'budget': bbt_budget}} if bbt_budget else {}
 
   final = out or os.path.join(workdir, 'eval')

@@ -182,7 +182,7 @@ def restore_config(workdir: str, step: int | None = None) -> tuple[dict, int]:
 # Config fields a resumed run may change: they affect neither the numbers nor the data order.
 RESUMABLE_CHANGES = ('stop_at', 'log_every', 'progress', 'save_every', 'keep_checkpoints',
                      'async_checkpoints', 'distributed', 'coordinator_address', 'num_processes',
-                     'process_id', 'mesh', 'remat', 'scan_layers')
+                     'process_id', 'mesh', 'remat', 'scan_layers', 'eval')
 
 
 def check_resume_config(saved: dict, current: dict, directory: str) -> None:

@@ -394,11 +394,22 @@ def trained_run(tmp_path_factory, tok):
   c.log_every = 1
   c.progress = False
   c.async_checkpoints = False
+  c.eval.bbt_budget = 15  # eval.py's default for this run (the flag below overrides it)
   workdir = str(tmp_path_factory.mktemp('run'))
   training.train(c, workdir)
   md = run_eval.main(workdir=workdir, seeds=','.join(map(str, E2E_SEEDS)),
                      methods=','.join(E2E_METHODS), bbt_budget=10, progress=False)
   return workdir, md
+
+
+def test_bbt_budget_from_the_run_config(trained_run, tmp_path):
+  """--bbt_budget=0 takes the run config's eval.bbt_budget (15: 3 generations of 5)."""
+  workdir, _ = trained_run
+  out = str(tmp_path / 'eval')
+  run_eval.main(workdir=workdir, seeds='100', methods='bbtv2', out=out, progress=False)
+  with open(os.path.join(out, 'results.json')) as f:
+    cost = json.load(f)['methods']['bbtv2']['cost']
+  assert cost['forward_passes_per_task'] == 15
 
 
 def read_jsonl(path):
