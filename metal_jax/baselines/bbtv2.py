@@ -140,7 +140,7 @@ def run(module, params: dict, task: TokenizedTask, idx: Sequence[int], spec: Epi
         z = jnp.asarray(np.stack(zs), jnp.float32)
         cands = (project_with(mats[layer], z, shape) if cached
                  else project(r_proj, layer, z, std, shape))
-        fits = [float(x) for x in population_loss(module, params, state, layer, cands, batch)]
+        fits = np.asarray(population_loss(module, params, state, layer, cands, batch)).tolist()
         forward += pop
         es.tell(zs, fits)
         i = int(np.argmin(fits))
