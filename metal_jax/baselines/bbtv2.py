@@ -74,15 +74,9 @@ def projection(key: jax.Array, layer, std, d: int, shape: tuple[int, ...]) -> ja
 
 
 @functools.partial(jax.jit, static_argnames=('shape',))
-def project_with(a: jax.Array, z: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """Candidates z [N, d] -> prefixes [N, *shape] = z @ a."""
+def project(a: jax.Array, z: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Candidates z [N, d] -> prefixes [N, *shape] = z @ a, `a` a layer's projection."""
   return (z.astype(jnp.float32) @ a).reshape((z.shape[0],) + shape)
-
-
-@functools.partial(jax.jit, static_argnames=('shape',))
-def project(key: jax.Array, layer, z: jax.Array, std, shape: tuple[int, ...]) -> jax.Array:
-  """Candidates z [N, d] -> layer `layer`'s prefixes [N, *shape] = z @ A_layer, A ~ N(0, std^2)."""
-  return project_with(projection(key, layer, std, z.shape[1], shape), z, shape)
 
 
 def layer_loss(module, params: dict, state: jax.Array, layer, kv_layer: jax.Array,
@@ -122,8 +116,10 @@ def run(module, params: dict, task: TokenizedTask, idx: Sequence[int], spec: Epi
   table = np.asarray(params[cfg.embed_param], np.float32)
   std = np.float32(hp['alpha'] * float(table.std()) / (math.sqrt(d) * hp['sigma0']))
   batch = common.train_batch(task, idx, common.spec_for(spec, p))
-  cached = n_layers * d * math.prod(shape) * 4 <= CACHE_BYTES
-  mats = [projection(r_proj, l, std, d, shape) for l in range(n_layers)] if cached else None
+  if n_layers * d * math.prod(shape) * 4 <= CACHE_BYTES:  # every A_l once per task
+    layer_projection = [projection(r_proj, l, std, d, shape) for l in range(n_layers)].__getitem__
+  else:  # A_l drawn again at every generation
+    layer_projection = lambda l: projection(r_proj, l, std, d, shape)
 
   np_state = np.random.get_state()
   try:
@@ -138,8 +134,7 @@ def run(module, params: dict, task: TokenizedTask, idx: Sequence[int], spec: Epi
         es = strategies[layer]
         zs = es.ask()
         z = jnp.asarray(np.stack(zs), jnp.float32)
-        cands = (project_with(mats[layer], z, shape) if cached
-                 else project(r_proj, layer, z, std, shape))
+        cands = project(layer_projection(layer), z, shape)
         fits = np.asarray(population_loss(module, params, state, layer, cands, batch)).tolist()
         forward += pop
         es.tell(zs, fits)
