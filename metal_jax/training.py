@@ -327,7 +327,7 @@ def train(config, workdir: str) -> dict:
     saved_cfg = mngr.restore(start, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
     check_resume_config(saved_cfg, cfg_json, str(mngr.directory))
     state, data_state = restore_checkpoint(mngr, start, abstract_like(state))
-    sampler.restore(data_state)
+    sampler.restore(data_state, where=str(mngr.directory))
     if lead:
       truncate_metrics(workdir, start)
       log.info('resuming from the checkpoint at step %d in %s', start, mngr.directory)

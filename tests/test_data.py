@@ -469,21 +469,43 @@ def test_process_split_concatenates_to_global_batch(suite):
 def test_iteration_state_and_restore(suite):
   _, _, tasks = suite
   s = EpisodeSampler(tasks, SPEC, batch_size=2, seed=SEED)
-  assert s.state() == {'seed': SEED, 'step': 0}
+  files = {os.path.basename(t.path): f'{t.fingerprint}:{len(t)}' for t in tasks}
+  assert s.state() == {'seed': SEED, 'step': 0, 'tasks': files}
   got = [next(s) for _ in range(3)]
   for step, b in enumerate(got):
     assert_batches_equal(b, s.batch(step))
   state = s.state()
-  assert state == {'seed': SEED, 'step': 3}
+  assert state == {'seed': SEED, 'step': 3, 'tasks': files}
   state = json.loads(json.dumps(state))  # survives a JSON round trip (checkpoints)
   r = EpisodeSampler(tasks, SPEC, batch_size=2, seed=SEED)
   r.restore(state)
   assert_batches_equal(next(r), next(iter(s)))
   assert_batches_equal(next(r), next(s))
-  assert r.state() == s.state() == {'seed': SEED, 'step': 5}
+  assert r.state() == s.state() == {'seed': SEED, 'step': 5, 'tasks': files}
   wrong = EpisodeSampler(tasks, SPEC, batch_size=2, seed=SEED + 1)
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match='seed'):
     wrong.restore(state)
+
+
+def test_restore_refuses_changed_data(suite, tok, tmp_path):
+  """Resuming over task files that changed since the checkpoint is refused, naming the files."""
+  d, setting, tasks = suite
+  state = json.loads(json.dumps(EpisodeSampler(tasks, SPEC, batch_size=2, seed=SEED).state()))
+  state['step'] = 3
+  edited = str(tmp_path / os.path.basename(tasks[1].path))
+  with open(tasks[1].path, encoding='utf-8') as f:
+    lines = f.readlines()
+  with open(edited, 'w', encoding='utf-8') as f:
+    f.writelines(lines[1:] + lines[:1])  # the same examples in another order: other episodes
+  changed = load_tokenized(edited, tok, str(tmp_path / 'cache'))
+  name1, name3 = os.path.basename(tasks[1].path), os.path.basename(tasks[3].path)
+  r = EpisodeSampler([tasks[0], changed, tasks[2]], SPEC, batch_size=2, seed=SEED)
+  with pytest.raises(ValueError, match=rf'/ckpt: .*{name1} \(changed\), {name3} \(removed\)'):
+    r.restore(state, where='/ckpt')
+  assert r.step == 0  # nothing was restored
+  r = EpisodeSampler(tasks[:1], SPEC, batch_size=2, seed=SEED)
+  r.restore({'seed': SEED, 'step': 3})  # a checkpoint from before fingerprints: accepted as is
+  assert r.step == 3
 
 
 # ----------------------------------------------------------------------------- 7. truncation

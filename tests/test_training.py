@@ -429,10 +429,26 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_run_config):
   abstract = jax.eval_shape(lambda: training.init_state(
       pgm.init_trainable(jax.random.key(0), lm_cfg, pc), tx))
   da, db = data_states(wa, [N, 2 * N], abstract), data_states(wb, [N, 2 * N], abstract)
-  assert da == db == {N: {'seed': c.seed, 'step': N}, 2 * N: {'seed': c.seed, 'step': 2 * N}}
+  assert da == db
+  assert {s: {k: v for k, v in d.items() if k != 'tasks'} for s, d in da.items()} == {
+      N: {'seed': c.seed, 'step': N}, 2 * N: {'seed': c.seed, 'step': 2 * N}}
+  assert sorted(da[N]['tasks']) == sorted(f'{t}_16384_100_train.jsonl'
+                                           for t in experiment.data_location(c, wa)[1]['train'])
   print('\nresume max rel diff: ' + ', '.join(f'{k} {v:.2e}' for k, v in diffs.items()))
   for k, v in diffs.items():
     assert v <= RESUME_TOL, (k, v)
+
+  # A task file edited under the run: resuming is refused, naming it, and the checkpoints stay.
+  data_dir, setting = experiment.data_location(c, wb)
+  path = os.path.join(data_dir, setting['train'][0], f'{setting["train"][0]}_16384_100_train.jsonl')
+  with open(path, encoding='utf-8') as f:
+    lines = f.readlines()
+  with open(path, 'w', encoding='utf-8') as f:
+    f.writelines(lines[::-1])
+  ckpts = sorted(os.listdir(os.path.join(wb, 'checkpoints')))
+  with pytest.raises(ValueError, match=rf'{os.path.basename(path)} \(changed\)'):
+    training.train(c, wb)
+  assert sorted(os.listdir(os.path.join(wb, 'checkpoints'))) == ckpts
 
 
 # ----------------------------------------------------------------------------- 7. save/load

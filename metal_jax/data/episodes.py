@@ -23,6 +23,7 @@ Batch layout (numpy):
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Sequence
 
 import numpy as np
@@ -187,10 +188,27 @@ class EpisodeSampler:
     self.step += 1
     return out
 
-  def state(self) -> dict:
-    return {'seed': self.seed, 'step': self.step}
+  def data_fingerprints(self) -> dict[str, str]:
+    """Task file -> fingerprint (content, tokenizer, example cap) of the tasks episodes are drawn from."""
+    return {os.path.basename(t.path): f'{t.fingerprint}:{len(t)}' for t in self.tasks}
 
-  def restore(self, state: dict) -> None:
+  def state(self) -> dict:
+    return {'seed': self.seed, 'step': self.step, 'tasks': self.data_fingerprints()}
+
+  def restore(self, state: dict, where: str = 'data iterator state') -> None:
+    """Continues from `state`; refuses if the seed or the task files differ from the saved ones."""
     if state['seed'] != self.seed:
-      raise ValueError(f'data iterator state has seed {state["seed"]}, config has {self.seed}')
+      raise ValueError(f'{where}: saved with seed {state["seed"]}, config has {self.seed}')
+    saved = state.get('tasks')
+    if saved is not None:  # checkpoints written before the fingerprints were saved have none
+      now = self.data_fingerprints()
+      diff = ([f'{f} (changed)' for f in sorted(set(saved) & set(now)) if saved[f] != now[f]] +
+              [f'{f} (removed)' for f in sorted(set(saved) - set(now))] +
+              [f'{f} (added)' for f in sorted(set(now) - set(saved))])
+      if diff:
+        more = f' and {len(diff) - 5} more' if len(diff) > 5 else ''
+        raise ValueError(
+            f'{where}: the meta-training data differ from the data this checkpoint was trained on: '
+            f'{", ".join(diff[:5])}{more}. Resuming would draw different episodes; restore the '
+            f'data, or start in a new --workdir.')
     self.step = int(state['step'])
