@@ -11,6 +11,8 @@ import dataclasses
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -288,6 +290,36 @@ def parameter_counts(params, trainable) -> dict:
   return {'frozen': total, 'trainable': train, 'trainable_fraction': train / max(total, 1)}
 
 
+class PreemptionWatch:
+  """Tells the training loop when to save and stop because the job is being preempted.
+
+  Multi-process (jax.distributed): JAX's preemption service catches the notice
+  (SIGTERM) on any host and agrees a step at which every host saves; Orbax's
+  `reached_preemption` reports it. One process: a SIGTERM handler (installed for
+  the duration of the `with` block, main thread only) marks the next step
+  boundary. Either way the loop saves that step and returns; rerunning resumes.
+  """
+
+  def __init__(self, mngr: ocp.CheckpointManager):
+    self.mngr, self.signalled, self._previous = mngr, False, None
+    self.multi = jax.process_count() > 1
+
+  def __enter__(self):
+    if not self.multi and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def _on_sigterm(self, signum, frame):
+    self.signalled = True
+
+  def reached(self, step: int) -> bool:
+    return self.mngr.reached_preemption(step) if self.multi else self.signalled
+
+
 def train(config, workdir: str) -> dict:
   """Meta-trains the PGM (Equation 1) as `config` says; resumes from `workdir` by itself.
 
@@ -347,31 +379,41 @@ def train(config, workdir: str) -> dict:
   window_tokens, window_t, last = 0, time.perf_counter(), {}
   compile_s = None
   stop = min(config.stop_at, steps) if config.stop_at else steps
-  for s in bar:
-    if s >= stop:  # a time-boxed job: stop here, resume later with the same config
-      break
-    local = next(sampler)
-    batch = sharding.global_batch(local, mesh)
-    t0 = time.perf_counter()
-    state, metrics = step_fn(state, lm.params, batch, rng)
-    if compile_s is None:
-      jax.block_until_ready(metrics)
-      compile_s = time.perf_counter() - t0
-      window_t = time.perf_counter()
-    window_tokens += int(local['pgm_mask'].sum() + local['lm_mask'].sum()) * jax.process_count()
-    save_checkpoint(mngr, s + 1, state, sampler.state(), cfg_json, force=s + 1 == stop)
-    if (s + 1) % config.log_every == 0 or s + 1 == stop:
-      metrics = jax.device_get(metrics)
-      dt = time.perf_counter() - window_t
-      last = {**{k: float(v) for k, v in metrics.items()},
-              'tokens_per_s': window_tokens / max(dt, 1e-9),
-              'lr': float(schedule(s))}
-      writer.write(s + 1, last)
-      bar.set_postfix(loss=f'{last["loss"]:.4f}', tok_s=f'{last["tokens_per_s"]:.0f}')
-      window_tokens, window_t = 0, time.perf_counter()
+  preempted = None
+  with PreemptionWatch(mngr) as watch:
+    for s in bar:
+      if s >= stop:  # a time-boxed job: stop here, resume later with the same config
+        break
+      local = next(sampler)
+      batch = sharding.global_batch(local, mesh)
+      t0 = time.perf_counter()
+      state, metrics = step_fn(state, lm.params, batch, rng)
+      if compile_s is None:
+        jax.block_until_ready(metrics)
+        compile_s = time.perf_counter() - t0
+        window_t = time.perf_counter()
+      window_tokens += int(local['pgm_mask'].sum() + local['lm_mask'].sum()) * jax.process_count()
+      preempt = watch.reached(s + 1)
+      save_checkpoint(mngr, s + 1, state, sampler.state(), cfg_json,
+                      force=s + 1 == stop or preempt)
+      if (s + 1) % config.log_every == 0 or s + 1 == stop or preempt:
+        metrics = jax.device_get(metrics)
+        dt = time.perf_counter() - window_t
+        last = {**{k: float(v) for k, v in metrics.items()},
+                'tokens_per_s': window_tokens / max(dt, 1e-9),
+                'lr': float(schedule(s))}
+        writer.write(s + 1, last)
+        bar.set_postfix(loss=f'{last["loss"]:.4f}', tok_s=f'{last["tokens_per_s"]:.0f}')
+        window_tokens, window_t = 0, time.perf_counter()
+      if preempt:
+        preempted = s + 1
+        if lead:
+          log.info('preempted: saved the checkpoint at step %d in %s; rerun the same command to '
+                   'resume', preempted, mngr.directory)
+        break
   mngr.wait_until_finished()
   mngr.close()
   writer.close()
   return {'steps': steps, 'last': last, 'compile_s': compile_s, 'counts': counts,
-          'checkpoint_dir': str(mngr.directory), 'lm_dir': run.lm_dir}
+          'checkpoint_dir': str(mngr.directory), 'lm_dir': run.lm_dir, 'preempted_at': preempted}
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 from pathlib import Path
 
 import jax
@@ -449,6 +450,38 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_run_config):
   with pytest.raises(ValueError, match=rf'{os.path.basename(path)} \(changed\)'):
     training.train(c, wb)
   assert sorted(os.listdir(os.path.join(wb, 'checkpoints'))) == ckpts
+
+
+def test_sigterm_saves_then_resume_completes(tmp_path, tiny_run_config, monkeypatch):
+  """A preemption notice (SIGTERM) mid-run: the step in flight is finished and checkpointed, train()
+  returns, the handler is restored, and rerunning continues to the same result as no interruption."""
+  c = tiny_run_config.copy_and_resolve_references()
+  c.save_every = 100  # no periodic checkpoint before the end: the only one is the preemption's
+  wa, wb = str(tmp_path / 'a'), str(tmp_path / 'b')
+  training.train(c, wa)
+  before = signal.getsignal(signal.SIGTERM)
+  next_batch = EpisodeSampler.__next__
+
+  def next_then_sigterm(self):
+    if self.step == 2:  # the notice arrives while step 3 (index 2) is prepared
+      os.kill(os.getpid(), signal.SIGTERM)
+    return next_batch(self)
+
+  monkeypatch.setattr(EpisodeSampler, '__next__', next_then_sigterm)
+  out = training.train(c, wb)
+  monkeypatch.undo()
+  assert out['preempted_at'] == 3
+  assert signal.getsignal(signal.SIGTERM) == before
+  assert [r['step'] for r in read_metrics(wb)] == [1, 2, 3]
+  mngr = training.checkpoint_manager(os.path.join(wb, 'checkpoints'), 100, 3, async_save=False)
+  assert mngr.latest_step() == 3  # Orbax also keeps its first save (step 1); 3 is the notice's
+  mngr.close()
+
+  assert training.train(c, wb)['preempted_at'] is None  # resumes at 3
+  ma, mb = read_metrics(wa), read_metrics(wb)
+  assert [r['step'] for r in mb] == list(range(1, 2 * N + 1))
+  for a, b in zip(ma, mb):
+    assert rel(b['loss'], a['loss']) <= RESUME_TOL, (a, b)
 
 
 # ----------------------------------------------------------------------------- 7. save/load
