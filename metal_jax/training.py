@@ -301,17 +301,18 @@ class PreemptionWatch:
   """
 
   def __init__(self, mngr: ocp.CheckpointManager):
-    self.mngr, self.signalled, self._previous = mngr, False, None
+    self.mngr, self.signalled, self._installed, self._previous = mngr, False, False, None
     self.multi = jax.process_count() > 1
 
   def __enter__(self):
     if not self.multi and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+      self._installed = True
     return self
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    if self._installed:  # (a handler installed outside Python reads back as None)
+      signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
 
   def _on_sigterm(self, signum, frame):
     self.signalled = True
