@@ -399,10 +399,17 @@ def data_states(workdir, steps, abstract):
   return out
 
 
-def test_resume_equals_uninterrupted(tmp_path, tiny_run_config):
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory, tiny_run_config):
+  """The workdir of tiny_run_config trained 2N steps straight."""
+  wa = str(tmp_path_factory.mktemp('uninterrupted'))
+  training.train(tiny_run_config, wa)
+  return wa
+
+
+def test_resume_equals_uninterrupted(tmp_path, tiny_run_config, uninterrupted):
   c = tiny_run_config
-  wa, wb = str(tmp_path / 'a'), str(tmp_path / 'b')
-  training.train(c, wa)
+  wa, wb = uninterrupted, str(tmp_path / 'b')
   c1 = c.copy_and_resolve_references()
   c1.stop_at = N  # same num_steps (hence the same LR schedule), stopped half way
   out1 = training.train(c1, wb)
@@ -452,13 +459,13 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_run_config):
   assert sorted(os.listdir(os.path.join(wb, 'checkpoints'))) == ckpts
 
 
-def test_sigterm_saves_then_resume_completes(tmp_path, tiny_run_config, monkeypatch):
+def test_sigterm_saves_then_resume_completes(tmp_path, tiny_run_config, uninterrupted,
+                                             monkeypatch):
   """A preemption notice (SIGTERM) mid-run: the step in flight is finished and checkpointed, train()
   returns, the handler is restored, and rerunning continues to the same result as no interruption."""
   c = tiny_run_config.copy_and_resolve_references()
   c.save_every = 100  # no periodic checkpoint before the end: the only one is the preemption's
-  wa, wb = str(tmp_path / 'a'), str(tmp_path / 'b')
-  training.train(c, wa)
+  wa, wb = uninterrupted, str(tmp_path / 'b')  # (save_every does not change the numbers)
   before = signal.getsignal(signal.SIGTERM)
   next_batch = EpisodeSampler.__next__
 
