@@ -35,7 +35,6 @@ DEVICES_PER_PROCESS = 2
 STEPS, FIRST_STOP = 4, 2  # the 2-process job stops at 2 (a checkpoint), then resumes to 4
 TIMEOUT_S = 150  # per job; a hung job is killed and reported with every process's log
 FAIL_ENV = 'METAL_TEST_FAIL_PROCESS'  # test hook: this process raises at its 2nd batch
-SIGTERM_ENV = 'METAL_TEST_SIGTERM_PROCESS'  # test hook: this process gets SIGTERM at its 2nd batch
 
 
 def _worker(config_path: str, workdir: str) -> None:
@@ -60,18 +59,6 @@ def _worker(config_path: str, workdir: str) -> None:
         raise RuntimeError(f'injected failure in process {config.process_id}')
       return global_batch(*args)
     sharding.global_batch = fail_second
-  if os.environ.get(SIGTERM_ENV, '') == str(config.process_id):
-    import signal
-
-    from metal_jax import sharding
-    global_batch, calls = sharding.global_batch, []
-
-    def sigterm_second(*args):  # a preemption notice to this process alone
-      calls.append(1)
-      if len(calls) == 2:
-        os.kill(os.getpid(), signal.SIGTERM)
-      return global_batch(*args)
-    sharding.global_batch = sigterm_second
   summary = train.run(config, workdir)
   import jax
   print(json.dumps({'process_index': jax.process_index(), 'process_count': jax.process_count(),
@@ -98,8 +85,7 @@ def free_port() -> int:
 
 def child_env(n_devices: int, extra: dict | None = None) -> dict:
   env = {k: v for k, v in os.environ.items()  # loopback only: no proxies, no inherited JAX_*
-         if not k.lower().endswith('_proxy') and not k.startswith('JAX_')
-         and k not in (FAIL_ENV, SIGTERM_ENV)}
+         if not k.lower().endswith('_proxy') and not k.startswith('JAX_') and k != FAIL_ENV}
   env.update(JAX_PLATFORMS='cpu', XLA_FLAGS=f'--xla_force_host_platform_device_count={n_devices}',
              HF_HUB_OFFLINE='1', TOKENIZERS_PARALLELISM='false', PYTHONUNBUFFERED='1',
              **(extra or {}))
@@ -285,21 +271,3 @@ def test_failing_process_ends_the_job_promptly(tmp_path, tiny_config):
   assert job.procs[1].returncode != 0, job.report()
   assert 'Shutdown barrier' not in job.err(0) + job.err(1), job.report()
 
-
-def test_preemption_notice_to_one_process_saves_on_all(tmp_path, tiny_config):
-  """Process 1 alone receives SIGTERM during step 2: JAX's preemption service agrees a step with
-  process 0, and both save that step's checkpoint and return normally."""
-  steps = 8
-  config = {**tiny_config, 'num_steps': steps, 'save_every': 100}
-  job = Job(config, tmp_path / 'w', tmp_path / 'logs', N_PROCESSES, DEVICES_PER_PROCESS,
-            extra_env={SIGTERM_ENV: '1'})
-  timed_out, secs = job.wait()
-  assert not timed_out, job.report()
-  assert all(p.returncode == 0 for p in job.procs), job.report()
-  at = {s['preempted_at'] for s in job.summaries()}
-  print(f'\npreemption notice to process 1: both stopped after step {at} in {secs:.1f} s')
-  assert len(at) == 1 and 2 <= next(iter(at)) < steps, (at, job.report())
-  stop = next(iter(at))
-  assert checkpoint_steps(tmp_path / 'w')[-1] == stop
-  assert [r['step'] for r in read_metrics(tmp_path / 'w')][-1] == stop
-  # Resuming from it is the path test_two_processes_equal_one_and_resume checks.
