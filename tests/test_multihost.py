@@ -63,8 +63,7 @@ def _worker(config_path: str, workdir: str) -> None:
   import jax
   print(json.dumps({'process_index': jax.process_index(), 'process_count': jax.process_count(),
                     'device_count': jax.device_count(), 'steps': summary['steps'],
-                    'last': summary['last'], 'preempted_at': summary['preempted_at']}),
-        flush=True)
+                    'last': summary['last']}), flush=True)
 
 
 if __name__ == '__main__':
@@ -270,4 +269,3 @@ def test_failing_process_ends_the_job_promptly(tmp_path, tiny_config):
   assert 'injected failure in process 0' in job.err(0)
   assert job.procs[1].returncode != 0, job.report()
   assert 'Shutdown barrier' not in job.err(0) + job.err(1), job.report()
-
