@@ -50,12 +50,9 @@ def main(argv):
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
   logging.getLogger('absl').setLevel(logging.WARNING)
   summary = run(flags.FLAGS.config, flags.FLAGS.workdir)
-  if summary['preempted_at'] is not None:
-    logging.info('stopped for preemption after step %d of %d; checkpoints in %s',
-                 summary['preempted_at'], summary['steps'], summary['checkpoint_dir'])
-    return
-  logging.info('done: %d steps, last %s; checkpoints in %s', summary['steps'], summary['last'],
-               summary['checkpoint_dir'])
+  if summary['preempted_at'] is None:  # (a preempted run has logged where it stopped)
+    logging.info('done: %d steps, last %s; checkpoints in %s', summary['steps'], summary['last'],
+                 summary['checkpoint_dir'])
 
 
 if __name__ == '__main__':

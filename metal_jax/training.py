@@ -303,25 +303,19 @@ class PreemptionWatch:
   """
 
   def __init__(self):
-    self.signalled, self._installed, self._previous = False, False, None
-    self.multi = jax.process_count() > 1
+    self.signalled, self._previous = False, None  # _previous: the handler to put back, if any
 
   def __enter__(self):
-    if not self.multi and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-      self._installed = True
-    return self
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm) or signal.SIG_DFL
+    return self  # (a handler installed outside Python reads back as None: restored as SIG_DFL)
 
   def __exit__(self, *exc):
-    if self._installed:  # (a handler installed outside Python reads back as None)
-      signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
   def _on_sigterm(self, signum, frame):
     self.signalled = True
-
-  def reached(self, step: int) -> bool:
-    del step
-    return self.signalled
 
 
 def train(config, workdir: str) -> dict:
@@ -397,7 +391,7 @@ def train(config, workdir: str) -> dict:
         compile_s = time.perf_counter() - t0
         window_t = time.perf_counter()
       window_tokens += int(local['pgm_mask'].sum() + local['lm_mask'].sum()) * jax.process_count()
-      preempt = watch.reached(s + 1)
+      preempt = watch.signalled
       save_checkpoint(mngr, s + 1, state, sampler.state(), cfg_json,
                       force=s + 1 == stop or preempt)
       if (s + 1) % config.log_every == 0 or s + 1 == stop or preempt:

@@ -157,6 +157,8 @@ class EpisodeSampler:
     self.tasks, self.spec, self.batch_size, self.seed = list(tasks), spec, batch_size, seed
     self.process_index, self.process_count = process_index, process_count
     self.step = 0
+    # Task file -> fingerprint (content, tokenizer, example cap): fixed for the sampler's life.
+    self.fingerprints = {os.path.basename(t.path): f'{t.fingerprint}:{len(t)}' for t in self.tasks}
 
   @property
   def episodes_per_epoch(self) -> int:
@@ -188,12 +190,8 @@ class EpisodeSampler:
     self.step += 1
     return out
 
-  def data_fingerprints(self) -> dict[str, str]:
-    """Task file -> fingerprint (content, tokenizer, example cap) of the tasks episodes are drawn from."""
-    return {os.path.basename(t.path): f'{t.fingerprint}:{len(t)}' for t in self.tasks}
-
   def state(self) -> dict:
-    return {'seed': self.seed, 'step': self.step, 'tasks': self.data_fingerprints()}
+    return {'seed': self.seed, 'step': self.step, 'tasks': self.fingerprints}
 
   def restore(self, state: dict, where: str = 'data iterator state') -> None:
     """Continues from `state`; refuses if the seed or the task files differ from the saved ones."""
@@ -201,7 +199,7 @@ class EpisodeSampler:
       raise ValueError(f'{where}: saved with seed {state["seed"]}, config has {self.seed}')
     saved = state.get('tasks')
     if saved is not None:  # checkpoints written before the fingerprints were saved have none
-      now = self.data_fingerprints()
+      now = self.fingerprints
       diff = ([f'{f} (changed)' for f in sorted(set(saved) & set(now)) if saved[f] != now[f]] +
               [f'{f} (removed)' for f in sorted(set(saved) - set(now))] +
               [f'{f} (added)' for f in sorted(set(now) - set(saved))])
