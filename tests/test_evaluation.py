@@ -279,10 +279,11 @@ def test_lm_rows_are_metaicl_direct_format(lm, tok, hand_task, monkeypatch, n_l)
   i = pairs.index((0, 2))
   n = int(batch['lm_mask'][i].sum())
   toks = tok.convert_ids_to_tokens(batch['lm_ids'][i, :n].tolist())
-  query = ['the', 'horse', '\n', 'gold', 'silver', 'violet', 'amber']
+  # (the built-in tokenizer makes a newline and the label word after it one token)
+  query = ['the', 'horse', '\ngold', 'silver', 'violet', 'amber']
   if n_l == 2:
-    assert toks == (['the', 'cat', 'is', 'on', 'the', 'table', '\n', 'red', '\n', '\n', '\n',
-                     'a', 'dog', 'in', 'the', 'river', '\n', 'blue', 'green', '\n', '\n', '\n']
+    assert toks == (['the', 'cat', 'is', 'on', 'the', 'table', '\nred', '\n', '\n', '\n',
+                     'a', 'dog', 'in', 'the', 'river', '\nblue', 'green', '\n', '\n', '\n']
                     + query)
   else:
     assert toks == query  # no demonstrations: the query's input is bare

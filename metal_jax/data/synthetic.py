@@ -12,13 +12,18 @@ the kind of rule from the meta-training tasks and read the mapping from the
 Task families:
 
 * ``kw_cls_NNN`` (keyword classification): C in {2, 3, 4} classes, each with
-  2-3 trigger words (content words, disjoint across classes). The input is 4-7
-  filler words with exactly one trigger inserted at a random position; the
-  output is the trigger's class label word.
-* ``first_word_NNN`` (first-word mapping): C classes, each with 2-3 cue words.
-  The input is a cue word first, then 3-6 words from the content and filler
-  pools, among them (as distractors) cues of this task's other classes; the
-  output is the first word's class label word.
+  one trigger word (content words, distinct across classes). The input is 1-3
+  filler words, then the trigger; the output is the trigger's class label word.
+* ``last_word_NNN`` (last-word mapping): C classes, each with one cue word. The
+  input is 2-3 words from the content and filler pools, among them (as
+  distractors) cues of this task's other classes, then the cue; the output is
+  the last word's class label word.
+
+The word that decides the label is the last input word, so the answer is
+predicted at its own position, and the tokenizer makes MetaICL's newline and a
+following label word one token ("\nred"): an example's answer then directly
+follows the word it depends on, the pattern an LM's previous-token and
+induction heads read (see metal_jax/pretrain.py).
 
 Files (MetaICL's contract): meta-train task T is ``T/T_16384_100_train.jsonl``;
 test task T has, for each seed s in SEEDS, ``T/T_16_{s}_train.jsonl`` (16
@@ -42,7 +47,7 @@ import numpy as np
 SEEDS = (100, 13, 21, 42, 87)  # MetaICL's few-shot seeds
 K = 16  # examples per few-shot train file
 META_TRAIN_K, META_TRAIN_SEED = 16384, 100  # MetaICL's names for meta-training files
-FORMAT_VERSION = 1  # bump when the generated content changes
+FORMAT_VERSION = 2  # bump when the generated content changes
 
 EOS = '<|endoftext|>'
 UNK = '[UNK]'
@@ -82,14 +87,14 @@ his her we our you your my me very quite just also then there here when where wh
 who what some any every each all most more less only still even again often never always
 '''.split())
 
-VOCAB = (EOS, UNK, NEWLINE) + LABEL_WORDS + CONTENT_WORDS + FILLER_WORDS
+VOCAB = (EOS, UNK, NEWLINE) + LABEL_WORDS + CONTENT_WORDS + FILLER_WORDS + tuple(NEWLINE + w for w in LABEL_WORDS)
 
-FAMILIES = ('kw_cls', 'first_word')
+FAMILIES = ('kw_cls', 'last_word')
 N_CLASSES = (2, 3, 4)
-KEYS_PER_CLASS = (2, 3)  # triggers (kw_cls) or cues (first_word) per class
-KW_FILLER_LEN = (1, 3)  # inclusive range of filler words around the trigger
-FW_REST_LEN = (2, 3)  # inclusive range of words after the cue
-FW_DISTRACTOR_P = 0.25  # chance that a word after the cue is another class's cue
+KEYS_PER_CLASS = (1,)  # triggers (kw_cls) or cues (last_word) per class
+KW_FILLER_LEN = (1, 3)  # inclusive range of filler words before the trigger
+FW_REST_LEN = (2, 3)  # inclusive range of words before the cue
+FW_DISTRACTOR_P = 0.25  # chance that a word before the cue is another class's cue
 
 
 def _check_pools():
@@ -110,17 +115,20 @@ def build_tokenizer():
   """A word-level tokenizer over VOCAB, built in code (nothing from a hub).
 
   Ids: 0 is "<|endoftext|>" (bos/eos/pad), 1 "[UNK]", 2 "\\n", then the label,
-  content and filler words in their fixed order. Spaces and tabs separate words;
-  every "\\n" is its own token. Like GPT-2's, it adds no special tokens.
+  content and filler words in their fixed order, then "\\n" + each label word.
+  Spaces and tabs separate words; a "\\n" directly followed by a label word is
+  one token with it, any other "\\n" is its own token. Like GPT-2's, it adds no
+  special tokens.
   """
   import tokenizers
   from tokenizers import Regex, decoders, models, pre_tokenizers
   import transformers
 
   tok = tokenizers.Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token=UNK))
+  labels = '|'.join(LABEL_WORDS)
   tok.pre_tokenizer = pre_tokenizers.Sequence([
       pre_tokenizers.Split(Regex(r'[ \t]+'), behavior='removed'),
-      pre_tokenizers.Split(NEWLINE, behavior='isolated'),
+      pre_tokenizers.Split(Regex(rf'\n(?:{labels})(?![a-z])|\n'), behavior='isolated'),
   ])
   tok.decoder = decoders.WordPiece(prefix='##', cleanup=False)  # joins words with single spaces
   tok.add_special_tokens([EOS, UNK])
@@ -154,18 +162,19 @@ def _make_input(spec: dict, key: str, cls: int, rng: np.random.Generator) -> str
   if spec['family'] == 'kw_cls':
     n = int(rng.integers(KW_FILLER_LEN[0], KW_FILLER_LEN[1] + 1))
     words = [FILLER_WORDS[i] for i in rng.integers(0, len(FILLER_WORDS), n)]
-    words.insert(int(rng.integers(0, n + 1)), key)
+    words.append(key)
   else:
     own = {w for ks in spec['keys'] for w in ks}
     others = [w for j, ks in enumerate(spec['keys']) if j != cls for w in ks]
     background = [w for w in CONTENT_WORDS + FILLER_WORDS if w not in own]
     n = int(rng.integers(FW_REST_LEN[0], FW_REST_LEN[1] + 1))
-    words = [key]
+    words = []
     for _ in range(n):
       if rng.random() < FW_DISTRACTOR_P:
         words.append(others[int(rng.integers(0, len(others)))])
       else:
         words.append(background[int(rng.integers(0, len(background)))])
+    words.append(key)
   return ' '.join(words)
 
 
