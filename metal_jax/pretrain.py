@@ -1,10 +1,22 @@
-"""Brief causal-LM pretraining of the built-in tiny GPT-2, on meta-train tasks' text only.
+"""Brief causal-LM pretraining of the built-in tiny GPT-2; no test task's text is ever used.
 
 An LM provider starts MetaL-Prompt from a pretrained LM. The default run has no
-pretrained LM to download, so it first trains a tiny GPT-2 for a few hundred
-steps on sequences of MetaICL-formatted examples drawn from the META-TRAIN
-tasks (never the test tasks), the text an LM would have seen. The result is an
-ordinary HF checkpoint (save_lm) in the workdir, reused by later runs.
+pretrained LM to download, so it first trains a tiny GPT-2 in two phases:
+
+1. Induction warm-up (`copy_steps`): every window is a span of distinct random
+   vocabulary words repeated to fill it (a random period of 16 to seq_len/2
+   tokens), text of no task at all. Predicting the repeats needs a
+   previous-token head and an induction head, the circuit pretrained LMs use
+   to read in-context examples; the PGM is a copy of this LM, and without that
+   circuit it never learns to read X^P (measured in the issue 3/4 notes).
+2. Sequences of MetaICL-formatted examples drawn from the META-TRAIN tasks
+   (never the test tasks), with the word embeddings (tied head) frozen
+   (`freeze_embeddings_after_copy`): the suite's words are i.i.d., and trained
+   on them the label words' embeddings collapse onto each other (mean cosine
+   0.96), after which no prompt can tell one label from another.
+
+The result is an ordinary HF checkpoint (save_lm) in the workdir, reused by
+later runs.
 """
 
 from __future__ import annotations
@@ -38,11 +50,24 @@ class PretrainConfig:
   seq_len: int = 128
   lr: float = 3e-3
   warmup_steps: int = 50
+  decay_steps: int = 0  # the cosine schedule's horizon; 0 = steps (larger: training stops before lr reaches 0)
   seed: int = 0
+  copy_steps: int = 0  # the first this many steps: induction warm-up windows (see the module doc)
+  freeze_embeddings_after_copy: bool = True  # phase 2 leaves the word embeddings (tied head) as they are
+
+  def __post_init__(self):
+    if not 0 <= self.copy_steps <= self.steps:
+      raise ValueError(f'pretrain.copy_steps={self.copy_steps}: must be in [0, pretrain.steps={self.steps}]')
+    if self.decay_steps and self.decay_steps < self.steps:
+      raise ValueError(f'pretrain.decay_steps={self.decay_steps}: must be 0 or >= pretrain.steps={self.steps}')
+    if self.copy_steps and (self.seq_len + 1) // 2 < 16:
+      raise ValueError(f'pretrain.seq_len={self.seq_len}: the induction warm-up needs at least 31 tokens')
 
 
-def lm_batch(tasks: list[TokenizedTask], cfg: PretrainConfig, step: int) -> np.ndarray:
-  """[B, seq_len+1] token windows, each from examples of one task in MetaICL direct format."""
+def lm_batch(tasks: list[TokenizedTask], cfg: PretrainConfig, step: int,
+             vocab_size: int) -> np.ndarray:
+  """[B, seq_len+1] token windows: each from examples of one task in MetaICL direct format, or
+  before step copy_steps a repeated span of distinct random words (ids 3.. vocab_size-1)."""
   out = np.zeros((cfg.batch_size, cfg.seq_len + 1), np.int32)
   for i in range(cfg.batch_size):
     rng = np.random.default_rng([cfg.seed, step, i])
@@ -52,7 +77,29 @@ def lm_batch(tasks: list[TokenizedTask], cfg: PretrainConfig, step: int) -> np.n
     while len(seq) < cfg.seq_len + 1:  # rare: tasks with very short examples
       seq = np.concatenate([seq, concat_examples(task, rng.choice(len(task), n, replace=False))])
     out[i] = seq[:cfg.seq_len + 1]
+    if step < cfg.copy_steps:  # drawn after the task window, from the same stream
+      period = int(rng.integers(16, (cfg.seq_len + 1) // 2 + 1))
+      span = rng.choice(np.arange(3, vocab_size), period, replace=False)
+      out[i] = np.tile(span, cfg.seq_len // period + 2)[:cfg.seq_len + 1]
   return out
+
+
+def make_step(module, tx, embed_param: str):
+  """The jitted LM step (params, opt_state, tokens [B, T+1], embed_on) -> (params, opt_state, loss);
+  embed_on=0 leaves the word-embedding table `embed_param` exactly as it is."""
+
+  @jax.jit
+  def step(params, opt_state, tokens, embed_on):
+    def loss_fn(p):
+      logits = module.apply({'params': p}, tokens[:, :-1]).logits
+      logp = jax.nn.log_softmax(logits)
+      return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+    loss, g = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(g, opt_state, params)
+    updates = {**updates, embed_param: updates[embed_param] * embed_on}
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return step
 
 
 def pretrain(model_cfg: GPT2Config, tasks: list[TokenizedTask], tokenizer, cfg: PretrainConfig,
@@ -71,26 +118,23 @@ def pretrain(model_cfg: GPT2Config, tasks: list[TokenizedTask], tokenizer, cfg: 
   params = jax.tree.map(lambda x: x.value if hasattr(x, 'value') else x, params,
                         is_leaf=lambda x: hasattr(x, 'value'))
   warmup = min(cfg.warmup_steps, cfg.steps // 2)
-  schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(cfg.steps, warmup + 1))
+  schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup,
+                                                max(cfg.decay_steps or cfg.steps, warmup + 1))
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
   opt_state = tx.init(params)
 
-  @jax.jit
-  def step(params, opt_state, tokens):
-    def loss_fn(p):
-      logits = module.apply({'params': p}, tokens[:, :-1]).logits
-      logp = jax.nn.log_softmax(logits)
-      return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
-    loss, g = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(g, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+  step = make_step(module, tx, model_cfg.embed_param)
 
   t0, loss = time.time(), float('nan')  # steps=0: the randomly initialised LM, saved as is
   bar = tqdm(range(cfg.steps), desc='pretrain base LM', dynamic_ncols=True)
   for s in bar:
-    params, opt_state, loss = step(params, opt_state, jnp.asarray(lm_batch(tasks, cfg, s)))
+    frozen = cfg.freeze_embeddings_after_copy and 0 < cfg.copy_steps <= s
+    tokens = lm_batch(tasks, cfg, s, model_cfg.vocab_size)
+    params, opt_state, loss = step(params, opt_state, jnp.asarray(tokens), jnp.float32(not frozen))
     if s % 20 == 0 or s == cfg.steps - 1:
       bar.set_postfix(loss=f'{float(loss):.3f}')
+    if s == cfg.copy_steps - 1:  # about 2.0 once the induction circuit has formed, ln(vocab) before
+      log.info('induction warm-up: %d steps, last loss %.3f', cfg.copy_steps, float(loss))
   log.info('pretrained the base LM: %d steps in %.0f s, final loss %.3f', cfg.steps,
            time.time() - t0, float(loss))
   tmp = out_dir + '.tmp'
@@ -103,4 +147,4 @@ def pretrain(model_cfg: GPT2Config, tasks: list[TokenizedTask], tokenizer, cfg: 
   return out_dir
 
 
-__all__ = ['PretrainConfig', 'pretrain', 'lm_batch', 'load_lm']
+__all__ = ['PretrainConfig', 'pretrain', 'lm_batch', 'make_step', 'load_lm']
