@@ -103,7 +103,7 @@ def model_source(config, workdir: str, tokenizer_for_builtin=None, tasks=None) -
   cfg = GPT2Config(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                    **config.tiny_model.to_dict())
   return pretrain(cfg, tasks, tok, PretrainConfig(**config.pretrain.to_dict()),
-                  os.path.join(workdir, 'base_lm'))
+                  os.path.join(workdir, 'base_lm'), progress=config.get('progress', True))
 
 
 def tokenizer_for(config, workdir):

@@ -103,7 +103,7 @@ def make_step(module, tx, embed_param: str):
 
 
 def pretrain(model_cfg: GPT2Config, tasks: list[TokenizedTask], tokenizer, cfg: PretrainConfig,
-             out_dir: str) -> str:
+             out_dir: str, progress: bool = True) -> str:
   """Trains (or reuses) the base LM; returns its checkpoint directory."""
   key = hashlib.sha256(json.dumps(
       [dataclasses.asdict(cfg), model_cfg.to_hf(),
@@ -126,7 +126,7 @@ def pretrain(model_cfg: GPT2Config, tasks: list[TokenizedTask], tokenizer, cfg: 
   step = make_step(module, tx, model_cfg.embed_param)
 
   t0, loss = time.time(), float('nan')  # steps=0: the randomly initialised LM, saved as is
-  bar = tqdm(range(cfg.steps), desc='pretrain base LM', dynamic_ncols=True)
+  bar = tqdm(range(cfg.steps), desc='pretrain base LM', dynamic_ncols=True, disable=not progress)
   for s in bar:
     frozen = cfg.freeze_embeddings_after_copy and 0 < cfg.copy_steps <= s
     tokens = lm_batch(tasks, cfg, s, model_cfg.vocab_size)
