@@ -1,8 +1,8 @@
 """The built-in default: meta-train a tiny GPT-2 on the synthetic suite, on a CPU, in minutes.
 
 No downloads: the suite is written into the workdir, the tokenizer is built in
-code, and the base LM is first pretrained briefly on the meta-train tasks' text
-(see metal_jax/pretrain.py), then frozen.
+code, and the base LM is first pretrained briefly (an induction warm-up on repeated
+random words, then the meta-train tasks' text; see metal_jax/pretrain.py), then frozen.
 """
 
 import ml_collections
@@ -14,7 +14,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.tiny_model = ml_collections.ConfigDict(dict(  # the built-in GPT-2's shape
       n_embd=128, n_layer=4, n_head=4, n_positions=256))
   c.pretrain = ml_collections.ConfigDict(dict(  # the built-in base LM's pretraining
-      steps=500, batch_size=32, seq_len=128, lr=3e-3, warmup_steps=50, seed=0))
+      steps=850, batch_size=32, seq_len=128, lr=3e-3, warmup_steps=50, decay_steps=1000, seed=0,
+      copy_steps=700, freeze_embeddings_after_copy=True))
   c.data_dir = ''  # '' = the synthetic suite, written to WORKDIR/data
   c.setting = ''  # a settings name (configs/settings/NAME.json) or path; unused for synthetic
   c.synthetic = ml_collections.ConfigDict(dict(
@@ -28,14 +29,14 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.pgm = ml_collections.ConfigDict(dict(
       prompt_len=20, design='prefix', temperature=1.0, gumbel_tau=1.0, lstm_layers=2))
-  c.lora = ml_collections.ConfigDict(dict(rank=8, alpha=16.0, targets='q,v'))
+  c.lora = ml_collections.ConfigDict(dict(rank=16, alpha=16.0, targets='q,k,v,o'))
 
   c.batch_size = 16  # episodes per step (global)
   c.epochs = 0  # passes over the meta-train examples; num_steps > 0 overrides
   c.num_steps = 400
   c.stop_at = 0  # > 0: stop after this step (time-boxed jobs); rerun to resume, same schedule
   c.optim = ml_collections.ConfigDict(dict(
-      lr=2e-3, end_lr=0.0, warmup_steps=0, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
+      lr=3e-3, end_lr=0.0, warmup_steps=0, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
       clip_norm=1.0, accum_steps=1))
 
   c.dtype = 'float32'  # compute dtype: float32 | bfloat16
