@@ -159,7 +159,7 @@ def hand_task(tmp_path_factory, tok):
   demos = load_tokenized(paths['train'], tok, str(d / 'cache'))
   queries = load_tokenized(paths['test'], tok, str(d / 'cache'))
   lens = [len(o) for o in queries.option_ids[0]]
-  assert lens == [2, 3, 5], lens  # "\n" + 1, 2, 4 words: options of different token lengths
+  assert lens == [1, 2, 4], lens  # "\nlabel" + 0, 1, 3 words: options of different token lengths
   return demos, queries
 
 
