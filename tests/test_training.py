@@ -95,12 +95,13 @@ def tasks(tmp_path_factory, tokenizer):
 
 @pytest.fixture(scope='module')
 def models(tmp_path_factory, tokenizer):
-  """Tiny random checkpoints: GPT-2 (4 heads; vocab = the tokenizer's 287, odd, so the vocab
+  """Tiny random checkpoints: GPT-2 (4 heads; vocab = the tokenizer's 327, odd, so the vocab
   dimension stays replicated under tensor parallelism) and Llama GQA (4 heads, 2 kv heads;
-  vocab 288, so the embedding is split over tensor x fsdp)."""
+  vocab 328 = the tokenizer's + 1, so the embedding is split over tensor x fsdp)."""
+  assert len(tokenizer) % 2 == 1, 'the GPT-2 case needs an odd vocabulary'
   out = {}
   for name, kw in [('gpt2', dict(vocab_size=len(tokenizer), n_positions=128)),
-                   ('llama', dict(vocab_size=288, max_position_embeddings=128))]:
+                   ('llama', dict(vocab_size=len(tokenizer) + 1, max_position_embeddings=128))]:
     d = tmp_path_factory.mktemp(name)
     save_hf(name, d, **kw)
     out[name] = load_lm(str(d))
