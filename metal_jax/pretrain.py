@@ -50,18 +50,23 @@ class PretrainConfig:
   seq_len: int = 128
   lr: float = 3e-3
   warmup_steps: int = 50
-  decay_steps: int = 0  # the cosine schedule's horizon; 0 = steps (larger: training stops before lr reaches 0)
+  # The cosine schedule's horizon; 0 = steps (larger: training stops before the lr reaches 0).
+  decay_steps: int = 0
   seed: int = 0
   copy_steps: int = 0  # the first this many steps: induction warm-up windows (see the module doc)
-  freeze_embeddings_after_copy: bool = True  # phase 2 leaves the word embeddings (tied head) as they are
+  # Phase 2 leaves the word embeddings (tied head) as they are.
+  freeze_embeddings_after_copy: bool = True
 
   def __post_init__(self):
     if not 0 <= self.copy_steps <= self.steps:
-      raise ValueError(f'pretrain.copy_steps={self.copy_steps}: must be in [0, pretrain.steps={self.steps}]')
+      raise ValueError(f'pretrain.copy_steps={self.copy_steps}: must be in '
+                       f'[0, pretrain.steps={self.steps}]')
     if self.decay_steps and self.decay_steps < self.steps:
-      raise ValueError(f'pretrain.decay_steps={self.decay_steps}: must be 0 or >= pretrain.steps={self.steps}')
+      raise ValueError(f'pretrain.decay_steps={self.decay_steps}: must be 0 or '
+                       f'>= pretrain.steps={self.steps}')
     if self.copy_steps and (self.seq_len + 1) // 2 < 16:
-      raise ValueError(f'pretrain.seq_len={self.seq_len}: the induction warm-up needs at least 31 tokens')
+      raise ValueError(f'pretrain.seq_len={self.seq_len}: the induction warm-up needs at '
+                       'least 31 tokens')
 
 
 def lm_batch(tasks: list[TokenizedTask], cfg: PretrainConfig, step: int,

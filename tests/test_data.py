@@ -511,7 +511,8 @@ def test_restore_refuses_changed_data(suite, tok, tmp_path):
 
 # ----------------------------------------------------------------------------- 7. truncation
 
-SMALL = EpisodeSpec(n_prompt_examples=8, n_lm_examples=6, prompt_len=8, max_len=48)  # short enough that X^P and X^L + x are cut
+# Short enough that X^P and X^L + x are cut.
+SMALL = EpisodeSpec(n_prompt_examples=8, n_lm_examples=6, prompt_len=8, max_len=48)
 
 
 def test_truncation_fits_and_cuts_from_left(suite, enc):

@@ -18,9 +18,11 @@ from metal_jax.pretrain import PretrainConfig, lm_batch, make_step
 @pytest.fixture(scope='module')
 def tasks(tmp_path_factory):
   d = str(tmp_path_factory.mktemp('suite'))
-  setting = S.write_suite(d, n_train_tasks=4, n_test_tasks=2, n_train_examples=40, n_test_examples=8)
+  setting = S.write_suite(d, n_train_tasks=4, n_test_tasks=2, n_train_examples=40,
+                          n_test_examples=8)
   tok = S.build_tokenizer()
-  return [load_tokenized(meta_train_file(d, t), tok, os.path.join(d, 'cache')) for t in setting['train']]
+  return [load_tokenized(meta_train_file(d, t), tok, os.path.join(d, 'cache'))
+          for t in setting['train']]
 
 
 def test_batches_copy_then_task_text(tasks):
@@ -36,7 +38,8 @@ def test_batches_copy_then_task_text(tasks):
   nl = S.build_tokenizer().convert_tokens_to_ids('\n')
   assert all((row == nl).sum() >= 6 for row in b)  # three newlines between examples
   assert not any(np.array_equal(row[p:], row[:-p]) for row in b for p in range(16, 34))
-  assert np.array_equal(lm_batch(tasks, cfg, 0, vocab), lm_batch(tasks, cfg, 0, vocab))  # deterministic
+  # Deterministic.
+  assert np.array_equal(lm_batch(tasks, cfg, 0, vocab), lm_batch(tasks, cfg, 0, vocab))
   assert not np.array_equal(lm_batch(tasks, cfg, 0, vocab), lm_batch(tasks, cfg, 1, vocab))
 
 
@@ -59,10 +62,11 @@ def test_embed_on_zero_leaves_the_word_embeddings_exactly():
   assert changed  # the rest of the LM still trains
 
 
-@pytest.mark.parametrize('kw, flag', [(dict(steps=10, copy_steps=11), 'pretrain.copy_steps=11'),
-                                      (dict(steps=10, copy_steps=-1), 'pretrain.copy_steps=-1'),
-                                      (dict(steps=10, copy_steps=5, seq_len=16), 'pretrain.seq_len=16'),
-                                      (dict(steps=10, decay_steps=5), 'pretrain.decay_steps=5')])
+@pytest.mark.parametrize('kw, flag', [
+    (dict(steps=10, copy_steps=11), 'pretrain.copy_steps=11'),
+    (dict(steps=10, copy_steps=-1), 'pretrain.copy_steps=-1'),
+    (dict(steps=10, copy_steps=5, seq_len=16), 'pretrain.seq_len=16'),
+    (dict(steps=10, decay_steps=5), 'pretrain.decay_steps=5')])
 def test_bad_flags(kw, flag):
   with pytest.raises(ValueError, match=flag):
     PretrainConfig(**kw)

@@ -144,7 +144,8 @@ def test_tokenizer(suite, tok, tmp_path):
   assert [w for w, _ in pre] == ['a', 'b', '\n', '\n', '\n', 'c']
   # A newline directly before a label word is one token with it (the answer follows its cue).
   assert tok.tokenize('the cat\n\n\nred') == ['the', 'cat', '\n', '\n', '\nred']
-  assert tok.tokenize('cat\nred\n\n\ndog\nblue') == ['cat', '\nred', '\n', '\n', '\n', 'dog', '\nblue']
+  assert tok.tokenize('cat\nred\n\n\ndog\nblue') == ['cat', '\nred', '\n', '\n', '\n', 'dog',
+                                                  '\nblue']
   assert tok.tokenize('cat\nreddish') == ['cat', '\n', '[UNK]']  # a whole label word only
   assert tok.tokenize(' the \t cat \n red\n') == ['the', 'cat', '\n', 'red', '\n']
   ids = tok('the cat\n\n\nred')['input_ids']

@@ -87,7 +87,8 @@ his her we our you your my me very quite just also then there here when where wh
 who what some any every each all most more less only still even again often never always
 '''.split())
 
-VOCAB = (EOS, UNK, NEWLINE) + LABEL_WORDS + CONTENT_WORDS + FILLER_WORDS + tuple(NEWLINE + w for w in LABEL_WORDS)
+VOCAB = ((EOS, UNK, NEWLINE) + LABEL_WORDS + CONTENT_WORDS + FILLER_WORDS
+         + tuple(NEWLINE + w for w in LABEL_WORDS))
 
 FAMILIES = ('kw_cls', 'last_word')
 N_CLASSES = (2, 3, 4)
