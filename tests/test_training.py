@@ -4,7 +4,8 @@
   answer's positions) equals a hand computation on unpadded episodes (full logits, log-softmax);
 * the Llama prefix does not depend on the PGM input's left padding;
 * only the trainable pytree is differentiated; the frozen params survive donated steps bit for bit;
-* every prompt design trains (the loss falls on a fixed batch);
+* every prompt design trains: on a fixed batch the loss of the prompt generated at inference falls
+  (and the training loss, except the discrete design's, whose Gumbel samples are noise at first);
 * the step sharded over a data x fsdp x tensor mesh of 8 fake CPU devices equals one device, and
   gradient accumulation equals the full batch;
 * train() stopped at step N and resumed equals the uninterrupted run (losses, params, data state);
