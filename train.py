@@ -14,14 +14,14 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from metal_jax import training
+from metal_jax import run_train, training
 
 config_flags.DEFINE_config_file('config', 'configs/default.py', 'experiment config')
 flags.DEFINE_string('workdir', 'runs/default', 'where checkpoints, metrics and data go')
 
 
 def run(config, workdir: str) -> dict:
-  """training.train(); in a multi-process job, a process that fails exits at once.
+  """run_train.train(); in a multi-process job, a process that fails exits at once.
 
   Raising normally would run JAX's atexit handler, which waits at the coordination service's
   shutdown barrier for the other processes; they are blocked in a collective waiting for this
@@ -32,7 +32,7 @@ def run(config, workdir: str) -> dict:
   the others stop at once.
   """
   try:
-    return training.train(config, workdir)
+    return run_train.train(config, workdir)
   except BaseException:
     import jax
     if not (config.distributed and jax.distributed.is_initialized()):
@@ -49,7 +49,10 @@ def main(argv):
   del argv
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
   logging.getLogger('absl').setLevel(logging.WARNING)
-  summary = run(flags.FLAGS.config, flags.FLAGS.workdir)
+  try:
+    summary = run(flags.FLAGS.config, flags.FLAGS.workdir)
+  except training.ResumeError as e:  # a user's mistake: the message, no traceback
+    sys.exit(f'train.py: {e}')
   if summary['preempted_at'] is None:  # (a preempted run has logged where it stopped)
     logging.info('done: %d steps, last %s; checkpoints in %s', summary['steps'], summary['last'],
                  summary['checkpoint_dir'])

@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from metal_jax import experiment, pgm, sharding, training  # noqa: E402
+from metal_jax import experiment, run_train, sharding  # noqa: E402
 from metal_jax.data.episodes import EpisodeSampler  # noqa: E402
 
 config_flags.DEFINE_config_file('config', 'configs/default.py', 'experiment config')
@@ -49,15 +49,12 @@ def main(argv):
   config = FLAGS.config
   workdir = FLAGS.workdir
   run = experiment.setup(config, workdir)
-  mesh, lm, pgm_cfg, spec, param_sh = run.mesh, run.lm, run.pgm_cfg, run.spec, run.param_shardings
-  sampler = EpisodeSampler(run.tasks, spec, config.batch_size, config.seed)
-  tx = training.make_optimizer(experiment.optim_config(config), 1000)
-  state = training.init_state(pgm.init_trainable(jax.random.key(0), lm.config, pgm_cfg), tx)
-  state = jax.device_put(state, sharding.replicated(mesh))
-  step = training.jit_train_step(
-      training.make_train_step(pgm_cfg, lm.module, tx, config.optim.accum_steps), mesh,
-      param_sh, state)
-  rng = jax.random.key(1)
+  mesh, lm, pgm_cfg = run.mesh, run.lm, run.pgm_cfg
+  sampler = EpisodeSampler(run.tasks, run.spec, config.batch_size, config.seed)
+  # The run's own state and jitted step, for the run's own length (train() builds the same).
+  trainer = run_train.make_trainer(config, run, run_train.num_steps(config, sampler))
+  state, step = trainer.state, trainer.step_fn
+  rng = jax.random.key(config.seed + 1)
 
   # One batch shape for every timed step, so only one compilation is measured out.
   local = sampler.batch(0)

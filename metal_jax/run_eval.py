@@ -55,8 +55,7 @@ def main(*, workdir: str, split: str = '', seeds: str = '100,13,21,42', methods:
   lm, _ = experiment.load_model(config, ckpt, mesh)
   pgm_cfg = experiment.pgm_config(config)
   spec = experiment.episode_spec(config, lm.config)
-  trainable, _ = training.restore_trainable(workdir, lm.config, pgm_cfg,
-                                            experiment.optim_config(config), step)
+  trainable, _ = training.restore_trainable(workdir, lm.config, pgm_cfg, step)
   task_seeds = evaluation.load_task_seeds(
       data_dir, setting['test'], seed_list, tokenizer, os.path.join(workdir, 'cache', 'tokenized'),
       config.max_example_len)

@@ -34,7 +34,7 @@ import pytest
 import sklearn.metrics
 
 from conftest import save_hf
-from metal_jax import evaluation, lora, pgm, run_eval, training
+from metal_jax import evaluation, lora, pgm, run_eval, run_train
 from metal_jax.data import episodes as episodes_mod
 from metal_jax.data import synthetic
 from metal_jax.data.episodes import EpisodeSpec
@@ -397,7 +397,7 @@ def trained_run(tmp_path_factory, tok):
   c.async_checkpoints = False
   c.eval.bbt_budget = 15  # eval.py's default for this run (the flag below overrides it)
   workdir = str(tmp_path_factory.mktemp('run'))
-  training.train(c, workdir)
+  run_train.train(c, workdir)
   md = run_eval.main(workdir=workdir, seeds=','.join(map(str, E2E_SEEDS)),
                      methods=','.join(E2E_METHODS), bbt_budget=10, progress=False)
   return workdir, md

@@ -1,6 +1,6 @@
 """Multi-process (multi-host) meta-training on one machine: 2 CPU processes x 2 fake devices.
 
-Each process runs train.py's run() (training.train) with config.distributed=True
+Each process runs train.py's run() (run_train.train) with config.distributed=True
 (jax.distributed.initialize from coordinator_address / num_processes / process_id, gloo
 collectives between the processes), loads only its own rows of every global batch, and the 4
 devices form one data x fsdp mesh. Checked:
@@ -43,7 +43,7 @@ def _worker(config_path: str, workdir: str) -> None:
 
   import ml_collections
 
-  import train  # the entry point: its run() is training.train + a prompt exit on failure
+  import train  # the entry point: its run() is run_train.train + a prompt exit on failure
 
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', force=True)
   logging.getLogger('absl').setLevel(logging.WARNING)

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 from conftest import save_hf
-from metal_jax import experiment, lora, objective, pgm, sharding, training
+from metal_jax import experiment, lora, objective, pgm, run_train, sharding, training
 from metal_jax.data import synthetic
 from metal_jax.data.episodes import (EpisodeSampler, EpisodeSpec, batch_shapes, collate,
                                      make_episode)
@@ -409,7 +409,7 @@ def read_metrics(workdir):
 
 
 def data_states(workdir, steps, abstract):
-  mngr = training.checkpoint_manager(os.path.join(workdir, 'checkpoints'), N, 3, async_save=False)
+  mngr = training.checkpoint_manager(os.path.join(workdir, 'checkpoints'), read_only=True)
   out = {s: training.restore_checkpoint(mngr, s, abstract)[1] for s in steps}
   mngr.close()
   return out
@@ -419,7 +419,7 @@ def data_states(workdir, steps, abstract):
 def uninterrupted(tmp_path_factory, tiny_run_config):
   """The workdir of tiny_run_config trained 2N steps straight."""
   wa = str(tmp_path_factory.mktemp('uninterrupted'))
-  training.train(tiny_run_config, wa)
+  run_train.train(tiny_run_config, wa)
   return wa
 
 
@@ -428,11 +428,11 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_run_config, uninterrupted):
   wa, wb = uninterrupted, str(tmp_path / 'b')
   c1 = c.copy_and_resolve_references()
   c1.stop_at = N  # same num_steps (hence the same LR schedule), stopped half way
-  out1 = training.train(c1, wb)
+  out1 = run_train.train(c1, wb)
   assert [r['step'] for r in read_metrics(wb)] == list(range(1, N + 1))
   assert out1['last']['lr'] == pytest.approx(float(training.make_schedule(
       experiment.optim_config(c), 2 * N)(N - 1)))
-  training.train(c, wb)  # resumes at N
+  run_train.train(c, wb)  # resumes at N
 
   ma, mb = read_metrics(wa), read_metrics(wb)
   assert [r['step'] for r in ma] == [r['step'] for r in mb] == list(range(1, 2 * N + 1))
@@ -442,11 +442,11 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_run_config, uninterrupted):
 
   lm_cfg = config_from_hf(read_hf_config(c.model))
   pc, oc = experiment.pgm_config(c), experiment.optim_config(c)
-  ta, sa = training.restore_trainable(wa, lm_cfg, pc, oc)
-  tb, sb = training.restore_trainable(wb, lm_cfg, pc, oc)
+  ta, sa = training.restore_trainable(wa, lm_cfg, pc)
+  tb, sb = training.restore_trainable(wb, lm_cfg, pc)
   assert sa == sb == 2 * N
   diffs['trainable'] = tree_rel(tb, ta)
-  t_mid, _ = training.restore_trainable(wb, lm_cfg, pc, oc, step=N)
+  t_mid, _ = training.restore_trainable(wb, lm_cfg, pc, step=N)
   assert tree_rel(t_mid, ta) > 1e-3  # the comparison is not vacuous: training moved the params
 
   tx = training.make_optimizer(oc, 2 * N)
@@ -471,7 +471,7 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_run_config, uninterrupted):
     f.writelines(lines[::-1])
   ckpts = sorted(os.listdir(os.path.join(wb, 'checkpoints')))
   with pytest.raises(ValueError, match=rf'{os.path.basename(path)} \(changed\)'):
-    training.train(c, wb)
+    run_train.train(c, wb)
   assert sorted(os.listdir(os.path.join(wb, 'checkpoints'))) == ckpts
 
 
@@ -491,16 +491,16 @@ def test_sigterm_saves_then_resume_completes(tmp_path, tiny_run_config, uninterr
     return next_batch(self)
 
   monkeypatch.setattr(EpisodeSampler, '__next__', next_then_sigterm)
-  out = training.train(c, wb)
+  out = run_train.train(c, wb)
   monkeypatch.undo()
   assert out['preempted_at'] == 3
   assert signal.getsignal(signal.SIGTERM) == before
   assert [r['step'] for r in read_metrics(wb)] == [1, 2, 3]
-  mngr = training.checkpoint_manager(os.path.join(wb, 'checkpoints'), 100, 3, async_save=False)
+  mngr = training.checkpoint_manager(os.path.join(wb, 'checkpoints'), read_only=True)
   assert mngr.latest_step() == 3  # Orbax also keeps its first save (step 1); 3 is the notice's
   mngr.close()
 
-  assert training.train(c, wb)['preempted_at'] is None  # resumes at 3
+  assert run_train.train(c, wb)['preempted_at'] is None  # resumes at 3
   ma, mb = read_metrics(wa), read_metrics(wb)
   assert [r['step'] for r in mb] == list(range(1, 2 * N + 1))
   for a, b in zip(ma, mb):
@@ -545,3 +545,33 @@ def test_resume_refuses_changed_config():
   bad['optim']['lr'] *= 2
   with pytest.raises(ValueError, match=r'/ckpt: .*num_steps \(400 -> 401\).*optim\.lr'):
     training.check_resume_config(saved, bad, '/ckpt')
+
+
+def checkpoint_files(workdir) -> dict:
+  root = os.path.join(workdir, 'checkpoints')
+  return {os.path.relpath(os.path.join(d, f), root): os.path.getmtime(os.path.join(d, f))
+          for d, _, fs in os.walk(root) for f in fs}
+
+
+def test_resume_with_scan_layers_toggled_is_refused_up_front(tmp_path, tiny_run_config,
+                                                             uninterrupted):
+  """scan_layers stacks the LoRA pytree's layers, so a checkpoint of one layout cannot resume
+  under the other: train.py stops before preparing anything, with one message naming the field,
+  exit code non-zero, no traceback, and the checkpoints untouched."""
+  before = checkpoint_files(uninterrupted)
+  c = tiny_run_config.copy_and_resolve_references()
+  c.scan_layers = True
+  with pytest.raises(training.ResumeError, match=r'scan_layers \(False -> True\)'):
+    run_train.train(c, uninterrupted)
+  cfg_file = tmp_path / 'cfg.py'
+  cfg_file.write_text('import json\nimport ml_collections\n\n\ndef get_config():\n'
+                      f'  return ml_collections.ConfigDict(json.loads({tiny_run_config.to_json()!r}))\n')
+  import subprocess
+  import sys
+  proc = subprocess.run([sys.executable, str(ROOT / 'train.py'), f'--config={cfg_file}',
+                         f'--workdir={uninterrupted}', '--config.scan_layers=True'],
+                        capture_output=True, text=True, timeout=300, cwd=str(ROOT))
+  assert proc.returncode != 0
+  assert 'scan_layers (False -> True)' in proc.stderr
+  assert 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+  assert checkpoint_files(uninterrupted) == before

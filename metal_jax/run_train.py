@@ -1,0 +1,229 @@
+"""train.py's body: a config -> a meta-trained PGM in a workdir, resumed there by itself.
+
+The library pieces (optimizer, state, step, checkpoint I/O) are metal_jax/training.py;
+this module drives them: distributed start-up, the preemption watch, the metric
+writer, and the loop. `make_trainer` builds the state and jitted step for a run
+(bench/train_step.py times exactly that step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+import optax
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+
+from metal_jax import experiment, pgm, sharding, training
+from metal_jax.data.episodes import EpisodeSampler
+
+log = logging.getLogger('metal_jax')
+
+
+def initialize_distributed(config) -> None:
+  """jax.distributed.initialize(): auto-detected on TPU pods / SLURM / MPI, or from the config
+  (coordinator_address, num_processes, process_id), e.g. several CPU processes on one machine."""
+  kw = {}
+  if config.coordinator_address:
+    kw = dict(coordinator_address=config.coordinator_address,
+              num_processes=config.num_processes, process_id=config.process_id)
+  if os.environ.get('JAX_PLATFORMS', '') == 'cpu':
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU processes talk via gloo
+  jax.distributed.initialize(**kw)
+
+
+def parameter_counts(params, trainable) -> dict:
+  total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
+  return {'frozen': total, 'trainable': train, 'trainable_fraction': train / max(total, 1)}
+
+
+class MetricWriter:
+  """Scalars to metrics.jsonl and TensorBoard event files; a no-op off process 0."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.tb = SummaryWriter(os.path.join(workdir, 'tb'))
+
+  def write(self, step: int, scalars: dict) -> None:
+    if not self.enabled:
+      return
+    row = {'step': int(step), **{k: float(v) for k, v in scalars.items()}}
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(row) + '\n')
+    for k, v in scalars.items():
+      self.tb.add_scalar(k, float(v), int(step))
+
+  def close(self):
+    if self.enabled:
+      self.tb.close()
+
+
+def truncate_metrics(workdir: str, after_step: int) -> None:
+  """On resume, drop metric rows past the restored step (they will be written again)."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    rows = [line for line in f if line.strip() and json.loads(line)['step'] <= after_step]
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.writelines(rows)
+  os.replace(tmp, path)
+
+
+class PreemptionWatch:
+  """Tells a one-process training loop to save and stop because the job is being preempted.
+
+  A SIGTERM handler (installed for the duration of the `with` block, main thread
+  only) marks the next step boundary; the loop saves that step and returns, and
+  rerunning resumes. With several processes it stays out of the way: JAX's
+  preemption service owns SIGTERM there, and Orbax's `save` already writes a
+  checkpoint at the step the service agrees. Stopping there too was tried and is
+  not done: in one of three 2-process runs the service let one process reach the
+  agreed step and not the other, and the job hung in the next collective.
+  """
+
+  def __init__(self):
+    self.signalled, self._previous = False, None  # _previous: the handler to put back, if any
+
+  def __enter__(self):
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm) or signal.SIG_DFL
+    return self  # (a handler installed outside Python reads back as None: restored as SIG_DFL)
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def _on_sigterm(self, signum, frame):
+    self.signalled = True
+
+
+def num_steps(config, sampler: EpisodeSampler) -> int:
+  """The run's length: num_steps, else epochs over the meta-train episodes."""
+  return config.num_steps or max(config.epochs * sampler.episodes_per_epoch // config.batch_size,
+                                 1)
+
+
+@dataclasses.dataclass
+class Trainer:
+  """What a run's loop (or a benchmark of its step) needs: the initial state and the jitted step."""
+  state: dict  # {'step', 'trainable', 'opt_state'}, replicated on the mesh
+  step_fn: Callable  # jitted (state, params, batch, rng) -> (state, metrics), state donated
+  schedule: optax.Schedule
+  steps: int
+
+
+def make_trainer(config, run: experiment.Setup, steps: int) -> Trainer:
+  """The optimizer, the initial train state and the sharded jitted step of a `steps`-step run."""
+  optim_cfg = experiment.optim_config(config)
+  tx = training.make_optimizer(optim_cfg, steps)
+  init_fn = lambda rng: training.init_state(
+      pgm.init_trainable(rng, run.lm.config, run.pgm_cfg), tx)
+  state = jax.jit(init_fn, out_shardings=sharding.replicated(run.mesh))(
+      jax.random.key(config.seed))
+  step_fn = training.jit_train_step(
+      training.make_train_step(run.pgm_cfg, run.lm.module, tx, config.optim.accum_steps),
+      run.mesh, run.param_shardings, state)
+  return Trainer(state, step_fn, training.make_schedule(optim_cfg, steps), steps)
+
+
+def train(config, workdir: str) -> dict:
+  """Meta-trains the PGM (Equation 1) as `config` says; resumes from `workdir` by itself.
+
+  Returns a summary (final step, last loss, timings). Only process 0 logs and
+  writes metrics; Orbax coordinates checkpoint writes across processes.
+  """
+  if config.distributed:
+    initialize_distributed(config)
+  lead = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  mngr = training.checkpoint_manager(os.path.join(workdir, 'checkpoints'),
+                                     save_every=config.save_every, keep=config.keep_checkpoints,
+                                     async_save=config.async_checkpoints)
+  cfg_json = experiment.config_json(config)
+  start = mngr.latest_step()
+  if start is not None:  # refused before any data or model is prepared
+    training.check_resume_config(training.saved_config(mngr, start), cfg_json,
+                                 str(mngr.directory))
+  run = experiment.setup(config, workdir)
+  tasks, mesh, lm = run.tasks, run.mesh, run.lm
+
+  sampler = EpisodeSampler(tasks, run.spec, config.batch_size, config.seed,
+                           jax.process_index(), jax.process_count())
+  steps = num_steps(config, sampler)
+  trainer = make_trainer(config, run, steps)
+  state, step_fn, schedule = trainer.state, trainer.step_fn, trainer.schedule
+  if start is not None:
+    state, data_state = training.restore_checkpoint(mngr, start, training.abstract_like(state))
+    sampler.restore(data_state, where=str(mngr.directory))
+    if lead:
+      truncate_metrics(workdir, start)
+      log.info('resuming from the checkpoint at step %d in %s', start, mngr.directory)
+  counts = parameter_counts(lm.params, state['trainable'])
+  if lead:
+    log.info('mesh %s over %d devices (%d processes)', dict(mesh.shape), mesh.size,
+             jax.process_count())
+    log.info('parameters: frozen %s, trainable %s (%.4f%%)', f'{counts["frozen"]:,}',
+             f'{counts["trainable"]:,}', 100 * counts['trainable_fraction'])
+    log.info('%d steps of %d episodes (%d meta-train tasks, %d episodes an epoch)', steps,
+             config.batch_size, len(tasks), sampler.episodes_per_epoch)
+  writer = MetricWriter(workdir, enabled=lead)
+  rng = jax.random.key(config.seed + 1)
+  first = int(state['step'])
+  bar = tqdm(range(first, steps), initial=first, total=steps, desc='meta-train',
+             dynamic_ncols=True, disable=not lead or not config.progress)
+  window_tokens, window_t, last = 0, time.perf_counter(), {}
+  compile_s = None
+  stop = min(config.stop_at, steps) if config.stop_at else steps
+  preempted = None
+  with PreemptionWatch() as watch:
+    for s in bar:
+      if s >= stop:  # a time-boxed job: stop here, resume later with the same config
+        break
+      local = next(sampler)
+      batch = sharding.global_batch(local, mesh)
+      t0 = time.perf_counter()
+      state, metrics = step_fn(state, lm.params, batch, rng)
+      if compile_s is None:
+        jax.block_until_ready(metrics)
+        compile_s = time.perf_counter() - t0
+        window_t = time.perf_counter()
+      window_tokens += int(local['pgm_mask'].sum() + local['lm_mask'].sum()) * jax.process_count()
+      preempt = watch.signalled
+      training.save_checkpoint(mngr, s + 1, state, sampler.state(), cfg_json,
+                               force=s + 1 == stop or preempt)
+      if (s + 1) % config.log_every == 0 or s + 1 == stop or preempt:
+        metrics = jax.device_get(metrics)
+        dt = time.perf_counter() - window_t
+        last = {**{k: float(v) for k, v in metrics.items()},
+                'tokens_per_s': window_tokens / max(dt, 1e-9),
+                'lr': float(schedule(s))}
+        writer.write(s + 1, last)
+        bar.set_postfix(loss=f'{last["loss"]:.4f}', tok_s=f'{last["tokens_per_s"]:.0f}')
+        window_tokens, window_t = 0, time.perf_counter()
+      if preempt:
+        preempted = s + 1
+        if lead:
+          log.info('preempted: saved the checkpoint at step %d in %s; rerun the same command to '
+                   'resume', preempted, mngr.directory)
+        break
+  mngr.wait_until_finished()
+  mngr.close()
+  writer.close()
+  return {'steps': steps, 'last': last, 'compile_s': compile_s, 'counts': counts,
+          'checkpoint_dir': str(mngr.directory), 'lm_dir': run.lm_dir, 'preempted_at': preempted}
