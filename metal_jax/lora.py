@@ -14,6 +14,10 @@ import math
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
+
+from metal_jax import models
+from metal_jax.models import layers
 
 ATTN_TARGETS = ('q', 'k', 'v', 'o')
 MLP_TARGETS = ('gate', 'up', 'down')
@@ -38,37 +42,44 @@ class LoraConfig:
     return self.alpha / self.rank
 
 
-def target_shapes(model_cfg, target: str) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
-  """(submodule, in dims, out dims) of a target's weight in one block."""
-  d, n, k, h, f = (model_cfg.d_model, model_cfg.n_heads, model_cfg.n_kv_heads,
-                   model_cfg.head_dim, model_cfg.mlp_dim)
-  table = {'q': ('attn', (d,), (n, h)), 'k': ('attn', (d,), (k, h)), 'v': ('attn', (d,), (k, h)),
-           'o': ('attn', (n, h), (d,)), 'gate': ('mlp', (d,), (f,)), 'up': ('mlp', (d,), (f,)),
-           'down': ('mlp', (f,), (d,))}
-  if target == 'gate' and model_cfg.model_type == 'gpt2':
-    raise ValueError("lora target 'gate': GPT-2's MLP has no gate projection")
-  return table[target]
+def kernel_shapes(model_cfg) -> dict[tuple[str, ...], dict]:
+  """{(layer, submodule, target): {'a': [lead..., in..., 1], 'b': [lead..., 1, out...]}} of every
+  LoRA target `model_cfg`'s module passes through (lead: [L] when layers are scanned), read from
+  the module itself under jax.eval_shape (nothing is allocated)."""
+  module = models.module_for(model_cfg)
+  found = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+  flat = traverse_util.flatten_dict(found.get(layers.LORA_SHAPES, {}))
+  return {path: sown[0] for path, sown in flat.items()}  # sow keeps a tuple of one
 
 
 def init(rng: jax.Array, model_cfg, cfg: LoraConfig, dtype=jnp.float32) -> dict:
-  """A fresh LoRA pytree for `model_cfg`'s layer layout (loop or scan): A ~ U(±1/sqrt(fan_in)), B = 0."""
-  n_layers = model_cfg.n_layers
-  lead = (n_layers,) if model_cfg.scan_layers else ()
+  """A fresh LoRA pytree for `model_cfg`'s layer layout (loop or scan): A ~ U(±1/sqrt(fan_in)), B = 0.
 
-  def one_layer(key, stacked_dims):
-    layer = {}
-    for i, t in enumerate(cfg.targets):
-      sub, din, dout = target_shapes(model_cfg, t)
-      bound = 1.0 / math.sqrt(math.prod(din))
-      a = jax.random.uniform(jax.random.fold_in(key, i), stacked_dims + din + (cfg.rank,), dtype,
-                             -bound, bound)
-      b = jnp.zeros(stacked_dims + (cfg.rank,) + dout, dtype)
-      layer.setdefault(sub, {})[t] = {'a': a, 'b': b}
-    return layer
-
-  if lead:
-    return {'layers': one_layer(rng, lead)}
-  return {f'layers_{i}': one_layer(jax.random.fold_in(rng, i), ()) for i in range(n_layers)}
+  Raises ValueError naming a target that meets no kernel of the model (GPT-2 has no 'gate').
+  """
+  shapes = kernel_shapes(model_cfg)
+  have = sorted({path[-1] for path in shapes}, key=(ATTN_TARGETS + MLP_TARGETS).index)
+  missing = [t for t in cfg.targets if t not in have]
+  if missing:
+    raise ValueError(f'lora.targets={",".join(cfg.targets)}: {missing} match no kernel of this '
+                     f'{model_cfg.model_type} model (its LoRA targets: {have})')
+  lead = 1 if model_cfg.scan_layers else 0
+  names = ['layers'] if lead else [f'layers_{i}' for i in range(model_cfg.n_layers)]
+  out = {}
+  for i, name in enumerate(names):
+    key = rng if lead else jax.random.fold_in(rng, i)
+    for j, t in enumerate(cfg.targets):
+      (path, ab), = [(p, ab) for p, ab in shapes.items() if p[0] == name and p[-1] == t]
+      a_shape, b_shape = ab['a'].shape[:-1], ab['b'].shape
+      bound = 1.0 / math.sqrt(math.prod(a_shape[lead:]))
+      a = jax.random.uniform(jax.random.fold_in(key, j), a_shape + (cfg.rank,), dtype, -bound,
+                             bound)
+      b = jnp.zeros(b_shape[:lead] + (cfg.rank,) + b_shape[lead + 1:], dtype)
+      sub = out
+      for part in path:
+        sub = sub.setdefault(part, {})
+      sub.update({'a': a, 'b': b})
+  return out
 
 
 def scaled(lora_params: dict, cfg: LoraConfig) -> dict:
@@ -82,7 +93,3 @@ def variables(params: dict, lora_params: dict | None, cfg: LoraConfig | None) ->
   if lora_params is None:
     return {'params': params}
   return {'params': params, 'lora': scaled(lora_params, cfg)}
-
-
-def count(lora_params: dict) -> int:
-  return sum(x.size for x in jax.tree.leaves(lora_params))

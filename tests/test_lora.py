@@ -90,3 +90,17 @@ def test_bad_config():
     lora.LoraConfig(targets=('query',))
   with pytest.raises(ValueError, match='rank'):
     lora.LoraConfig(rank=0)
+
+
+def test_target_without_a_kernel_fails_naming_it(gpt2_dir):
+  """LoRA shapes come from the module: GPT-2's MLP has no gate, so 'gate' is refused at init
+  (a silently absent adapter would train nothing); the shapes found are the kernels' own."""
+  lm = metal_jax.load_lm(gpt2_dir)
+  with pytest.raises(ValueError, match=r"\['gate'\] match no kernel of this gpt2 model"):
+    lora.init(jax.random.key(0), lm.config, lora.LoraConfig(targets=('q', 'gate')))
+  shapes = lora.kernel_shapes(lm.config)
+  d, n, h, f = lm.config.d_model, lm.config.n_heads, lm.config.head_dim, lm.config.mlp_dim
+  assert shapes[('layers_0', 'attn', 'q')]['a'].shape == (d, 1)
+  assert shapes[('layers_0', 'attn', 'q')]['b'].shape == (1, n, h)
+  assert shapes[('layers_1', 'mlp', 'down')]['a'].shape == (f, 1)
+  assert {p[-1] for p in shapes} == {'q', 'k', 'v', 'o', 'up', 'down'}

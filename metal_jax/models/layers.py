@@ -61,7 +61,17 @@ def lora_delta(mdl: nn.Module, target: str, x: Array) -> Array | None:
   return jnp.tensordot(jnp.tensordot(x, a, axes=a.ndim - 1), b, axes=1)
 
 
+# While a module is initialised, every LoRA target it passes through records the shapes of its
+# A [in..., 1] and B [1, out...] in this collection: lora.init reads them (via jax.eval_shape), so
+# LoRA shapes come from the module itself and a target that meets no kernel is known.
+LORA_SHAPES = 'lora_shapes'
+
+
 def add_lora(mdl: nn.Module, target: str, x: Array, y: Array) -> Array:
+  """y + the LoRA update of `target` (x [B, T, in...] -> y [B, T, out...])."""
+  if mdl.is_mutable_collection(LORA_SHAPES):
+    mdl.sow(LORA_SHAPES, target, {'a': jnp.zeros(x.shape[2:] + (1,), jnp.float32),
+                                  'b': jnp.zeros((1,) + y.shape[2:], jnp.float32)})
   d = lora_delta(mdl, target, x)
   return y if d is None else y + d
 
@@ -176,7 +186,7 @@ def run_layers(block_cls, config, x: Array, positions: Array, mask: Array,
     block = nn.remat(block, prevent_cse=not config.scan_layers)
   if config.scan_layers:
     scanned = nn.scan(
-        block, variable_axes={'params': 0, 'lora': 0}, split_rngs={'params': True},
+        block, variable_axes={'params': 0, 'lora': 0, LORA_SHAPES: 0}, split_rngs={'params': True},
         in_axes=(nn.broadcast, nn.broadcast, 0), length=n_layers,
         metadata_params={nn.PARTITION_NAME: 'layers'})
     x, kv = scanned(config, return_kv, name='layers')(x, positions, mask, prefix_kv)
