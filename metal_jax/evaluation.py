@@ -65,10 +65,8 @@ def metrics(predictions: Sequence[str], golds: Sequence[str]) -> dict:
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _row_scores(module, params, prompt, batch):
-  out = pgm.apply_with_prompt(module, params, prompt, batch['lm_ids'], batch['lm_mask'],
-                              logit_positions=batch['target_pos'])
-  nll = objective.token_nll(out.logits, batch['target_ids'], batch['target_mask'])
-  return nll.sum(-1) / jnp.maximum(batch['target_mask'].sum(-1), 1)
+  total, count = objective.score(module, params, prompt, batch)
+  return total / jnp.maximum(count, 1)
 
 
 def score_options(module, params, prompt: pgm.Prompt | None, demos: TokenizedTask,
@@ -76,7 +74,7 @@ def score_options(module, params, prompt: pgm.Prompt | None, demos: TokenizedTas
                   rows: int = 32) -> list[np.ndarray]:
   """Mean option-token NLL for every (query, option): a list (per query) of [n_options] arrays.
 
-  `prompt` has batch 1 (one prompt per task and seed) and is tiled to the rows;
+  `prompt` has batch 1 (one prompt per task and seed), broadcast to the rows;
   `demo_idx` picks X^L from `demos`.
   """
   demo_tokens = concat_examples(demos, demo_idx)
@@ -87,7 +85,6 @@ def score_options(module, params, prompt: pgm.Prompt | None, demos: TokenizedTas
       episodes.append(build_episode(np.zeros((0,), np.int32), demo_tokens,
                                     queries.input_first[q], queries.input_rest[q], opt, spec))
   _, lm_len, tgt_len = batch_shapes(episodes, spec)  # one shape for the whole task
-  tiled = None if prompt is None else prompt.repeat(rows)
   scores = np.zeros(len(episodes), np.float32)
   for start in range(0, len(episodes), rows):
     chunk = episodes[start:start + rows]
@@ -95,7 +92,7 @@ def score_options(module, params, prompt: pgm.Prompt | None, demos: TokenizedTas
     batch = collate(padded, spec, 0, lm_len, tgt_len)
     batch = {k: jnp.asarray(v) for k, v in batch.items() if not k.startswith('pgm')}
     scores[start:start + len(chunk)] = np.asarray(
-        _row_scores(module, params, tiled, batch))[:len(chunk)]
+        _row_scores(module, params, prompt, batch))[:len(chunk)]
   out = [np.zeros(len(queries.option_ids[q]), np.float32) for q in range(len(queries))]
   for (q, o), s in zip(pairs, scores):
     out[q][o] = s

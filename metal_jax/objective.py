@@ -21,15 +21,31 @@ def token_nll(logits, target_ids, target_mask):
   return nll * target_mask
 
 
+def score(module, params: dict, prompt: pgm.Prompt | None, lm_half: dict
+          ) -> tuple[jax.Array, jax.Array]:
+  """Per row: (sum of y-token NLLs [B], number of y tokens [B]) of an LM half under a prompt.
+
+  The one place the frozen LM scores (X^L, x, y): meta-training, option scoring and every
+  baseline's loss call it. `lm_half` has lm_ids, lm_mask [B, T] and target_pos, target_ids,
+  target_mask [B, Y]; `prompt` is None, one prompt (batch 1, broadcast to the rows) or B
+  prompts (row b scored under prompt row b).
+  """
+  b = lm_half['lm_ids'].shape[0]
+  if prompt is not None:
+    prompt = prompt.broadcast_to(b)
+  out = pgm.apply_with_prompt(module, params, prompt, lm_half['lm_ids'], lm_half['lm_mask'],
+                              logit_positions=lm_half['target_pos'])
+  nll = token_nll(out.logits, lm_half['target_ids'], lm_half['target_mask'])
+  return nll.sum(-1), lm_half['target_mask'].sum(-1).astype(jnp.float32)
+
+
 def nll_sum(cfg: pgm.PGMConfig, module, params: dict, trainable: dict, batch: dict, *,
             rng: jax.Array | None = None, train: bool = True) -> tuple[jax.Array, jax.Array]:
-  """(sum of y-token NLLs, number of y tokens) for a batch of episodes."""
+  """(sum of y-token NLLs, number of y tokens) for a batch of episodes: PGM pass, then score."""
   prompt = pgm.generate(cfg, module, params, trainable, batch['pgm_ids'], batch['pgm_mask'],
                         rng=rng, train=train)
-  out = pgm.apply_with_prompt(module, params, prompt, batch['lm_ids'], batch['lm_mask'],
-                              logit_positions=batch['target_pos'])
-  nll = token_nll(out.logits, batch['target_ids'], batch['target_mask'])
-  return nll.sum(), batch['target_mask'].sum().astype(jnp.float32)
+  total, count = score(module, params, prompt, batch)
+  return total.sum(), count.sum()
 
 
 def loss(cfg: pgm.PGMConfig, module, params: dict, trainable: dict, batch: dict, *,
@@ -37,3 +53,9 @@ def loss(cfg: pgm.PGMConfig, module, params: dict, trainable: dict, batch: dict,
   """Mean NLL of y's tokens over the batch."""
   total, count = nll_sum(cfg, module, params, trainable, batch, rng=rng, train=train)
   return total / jnp.maximum(count, 1.0)
+
+
+def mean_nll(module, params: dict, prompt: pgm.Prompt | None, lm_half: dict) -> jax.Array:
+  """Mean NLL over all the LM half's y tokens (the baselines' tuning loss)."""
+  total, count = score(module, params, prompt, lm_half)
+  return total.sum() / jnp.maximum(count.sum(), 1.0)

@@ -53,24 +53,43 @@ class Prompt:
 
   Exactly one of `kv` (prefix design: KV of [L, B, P, K, H]) and `embeds`
   ([B, P, D] input embeddings) is set; `tokens` [B, P] is set for the discrete design.
+  Row b of the batch is one prompt: a batch may hold B different prompts (rows of
+  different tasks) or one prompt broadcast to B rows; each field's batch axis is
+  BATCH_AXIS[field], never guessed from the array's rank.
   """
   kv: KV | None = None
   embeds: jax.Array | None = None
   tokens: jax.Array | None = None
 
+  BATCH_AXIS = {'kv': 1, 'embeds': 0, 'tokens': 0}  # KV: [L, B, P, K, H]
+
+  def _map(self, fn) -> 'Prompt':
+    """fn(array, batch_axis) applied to every set field."""
+    kv = None if self.kv is None else jax.tree.map(lambda x: fn(x, 1), self.kv)
+    embeds = None if self.embeds is None else fn(self.embeds, 0)
+    tokens = None if self.tokens is None else fn(self.tokens, 0)
+    return Prompt(kv=kv, embeds=embeds, tokens=tokens)
+
   @property
   def length(self) -> int:
     return self.kv.k.shape[2] if self.kv is not None else self.embeds.shape[1]
 
-  def select(self, i) -> 'Prompt':
-    """Row(s) i of the batch (an int or an index array)."""
-    idx = np.atleast_1d(i)
-    return jax.tree.map(lambda x: x[:, idx] if x.ndim == 5 else x[idx], self)
+  @property
+  def batch_size(self) -> int:
+    return self.kv.k.shape[1] if self.kv is not None else self.embeds.shape[0]
 
-  def repeat(self, n: int) -> 'Prompt':
-    """Tiles a batch-1 prompt to batch n."""
-    return jax.tree.map(
-        lambda x: jnp.repeat(x, n, axis=1 if x.ndim == 5 else 0), self)
+  def rows(self, idx) -> 'Prompt':
+    """The prompts of rows idx (an index array; gathered, e.g. from a table of stored prompts)."""
+    idx = jnp.asarray(idx)
+    return self._map(lambda x, axis: jnp.take(x, idx, axis=axis))
+
+  def broadcast_to(self, n: int) -> 'Prompt':
+    """This prompt for n rows: a batch-1 prompt broadcast, or a batch-n prompt as it is."""
+    if self.batch_size == n:
+      return self
+    if self.batch_size != 1:
+      raise ValueError(f'a prompt of batch {self.batch_size} cannot serve {n} rows')
+    return self._map(lambda x, axis: jnp.repeat(x, n, axis=axis))
 
 
 def save_prompt(path: str, prompt: Prompt, meta: dict | None = None) -> None:

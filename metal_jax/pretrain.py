@@ -35,6 +35,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from metal_jax import objective
 from metal_jax.data.episodes import concat_examples
 from metal_jax.data.tasks import TokenizedTask
 from metal_jax.models import GPT2Config, GPT2LM
@@ -89,16 +90,23 @@ def lm_batch(tasks: list[TokenizedTask], cfg: PretrainConfig, step: int,
   return out
 
 
+def next_token_half(tokens: jax.Array) -> dict:
+  """Windows [B, T+1] as an LM half whose targets are all T next tokens (causal-LM loss)."""
+  b, t = tokens.shape[0], tokens.shape[1] - 1
+  ones = jnp.ones((b, t), jnp.int32)
+  return {'lm_ids': tokens[:, :-1], 'lm_mask': ones,
+          'target_pos': jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
+          'target_ids': tokens[:, 1:], 'target_mask': ones}
+
+
 def make_step(module, tx, embed_param: str):
   """The jitted LM step (params, opt_state, tokens [B, T+1], embed_on) -> (params, opt_state, loss);
   embed_on=0 leaves the word-embedding table `embed_param` exactly as it is."""
 
   @jax.jit
   def step(params, opt_state, tokens, embed_on):
-    def loss_fn(p):
-      logits = module.apply({'params': p}, tokens[:, :-1]).logits
-      logp = jax.nn.log_softmax(logits)
-      return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+    def loss_fn(p):  # every next token of every window is a target
+      return objective.mean_nll(module, p, None, next_token_half(tokens))
     loss, g = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(g, opt_state, params)
     updates = {**updates, embed_param: updates[embed_param] * embed_on}

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from conftest import save_hf
-from metal_jax import baselines, evaluation, pgm
+from metal_jax import baselines, evaluation, objective, pgm
 from metal_jax.baselines import bbtv2, common
 from metal_jax.data import synthetic
 from metal_jax.data.episodes import EpisodeSpec
@@ -71,7 +71,7 @@ def models(tmp_path_factory, tokenizer):
   return out
 
 
-_prompt_loss = jax.jit(common.prompt_loss, static_argnums=0)
+_prompt_loss = jax.jit(objective.mean_nll, static_argnums=0)
 
 
 def loss_of(lm, prompt, shots, spec=SPEC):
@@ -106,7 +106,7 @@ def test_train_batch_is_bare_x_then_y(data, models):
     np.testing.assert_array_equal(np.asarray(b['target_ids'][r, :ny]), shots.output_ids[i])
     np.testing.assert_array_equal(np.asarray(b['target_pos'][r, :ny]), n - ny - 1 + np.arange(ny))
     assert int(b['target_mask'][r].sum()) == ny
-  # prompt_loss without a prompt is the mean y-token NLL of the plain LM, as scoring computes it.
+  # the loss without a prompt is the mean y-token NLL of the plain LM, as scoring computes it.
   lm = models['gpt2']
   logits = jax.jit(lambda p, ids, m: lm.module.apply({'params': p}, ids, m).logits)(
       lm.params, b['lm_ids'], b['lm_mask'])

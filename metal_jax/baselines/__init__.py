@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Callable
 
 from metal_jax.baselines import bbtv2, common, metal_tune, p_tuning, prefix_tuning, soft_prompt
-from metal_jax.baselines.common import TuneResult, prompt_loss, spec_for, train_batch, tune
+from metal_jax.baselines.common import TuneResult, spec_for, train_batch, tune
 
 METHODS: dict[str, Callable[..., TuneResult]] = {
     'soft_prompt': soft_prompt.run,
@@ -55,4 +55,4 @@ def get(name: str) -> Callable[..., TuneResult]:
 
 
 __all__ = ['METHODS', 'DEFAULTS', 'NOT_IMPLEMENTED', 'get', 'TuneResult', 'train_batch',
-           'prompt_loss', 'tune', 'spec_for', 'common']
+           'tune', 'spec_for', 'common']

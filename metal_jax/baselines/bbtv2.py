@@ -7,7 +7,7 @@ normal matrix. Optimisation is divide-and-conquer: one CMA-ES instance per
 layer (the `cma` library, popsize 5 in the paper, sigma0 1.0, z_l starting at
 0); the layers are visited in turn, and a visit runs ONE generation of that
 layer's CMA-ES: `popsize` candidate vectors, each evaluated with one forward
-pass of the frozen LM over the few-shot batch (loss = common.prompt_loss, the
+pass of the frozen LM over the few-shot batch (loss = objective.mean_nll, the
 mean NLL of y), the other layers held at their current prompts.
 
 Adaptation to this LM: BBTv2's deep prompt replaces hidden states at every
@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metal_jax import objective
 from metal_jax.baselines import common
 from metal_jax.data.episodes import EpisodeSpec
 from metal_jax.data.tasks import TokenizedTask
@@ -83,7 +84,7 @@ def layer_loss(module, params: dict, state: jax.Array, layer, kv_layer: jax.Arra
                batch: dict) -> jax.Array:
   """The loss with layer `layer`'s prefix replaced by kv_layer [2, P, K, H] (one forward pass)."""
   kv = jax.lax.dynamic_update_index_in_dim(state, kv_layer.astype(state.dtype), layer, 0)
-  return common.prompt_loss(module, params, to_prompt(kv), batch)
+  return objective.mean_nll(module, params, to_prompt(kv), batch)
 
 
 @functools.partial(jax.jit, static_argnames=('module',))

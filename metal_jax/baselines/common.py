@@ -6,7 +6,7 @@ the paper's budget unit: LM forward (and backward) passes over a batch.
 
 The training batch holds the examples as the LM sees them at test time with no
 demonstrations: prompt + x (bare, MetaICL's first-example format) + y, the loss
-on y's tokens (objective.token_nll), mean over the batch's y tokens.
+on y's tokens (objective.score), mean over the batch's y tokens.
 
 Gradient tuning (`tune`) is the paper's baseline recipe: AdamW, learning rate
 decaying linearly to 0 over all steps, no warmup, `epochs` passes over the
@@ -30,7 +30,7 @@ from metal_jax import objective
 from metal_jax.data.episodes import EpisodeSpec, batch_shapes, build_episode, collate
 from metal_jax.data.tasks import TokenizedTask
 from metal_jax.models import KV
-from metal_jax.pgm import Prompt, apply_with_prompt
+from metal_jax.pgm import Prompt
 
 BATCH_KEYS = ('lm_ids', 'lm_mask', 'target_pos', 'target_ids', 'target_mask')
 
@@ -69,16 +69,6 @@ def train_batch(task: TokenizedTask, idx: Sequence[int], spec: EpisodeSpec) -> d
   _, lm_len, tgt_len = batch_shapes(episodes, spec)
   batch = collate(episodes, spec, 0, lm_len, tgt_len)
   return {k: jnp.asarray(batch[k]) for k in BATCH_KEYS}
-
-
-def prompt_loss(module, params: dict, prompt: Prompt | None, batch: dict) -> jax.Array:
-  """Mean NLL of the batch's y tokens under the frozen LM, the batch-1 prompt tiled to the batch."""
-  b = batch['lm_ids'].shape[0]
-  tiled = None if prompt is None else prompt.repeat(b)
-  out = apply_with_prompt(module, params, tiled, batch['lm_ids'], batch['lm_mask'],
-                          logit_positions=batch['target_pos'])
-  nll = objective.token_nll(out.logits, batch['target_ids'], batch['target_mask'])
-  return nll.sum() / jnp.maximum(batch['target_mask'].sum().astype(jnp.float32), 1.0)
 
 
 def merge_hparams(method: str, defaults: dict, given: dict) -> dict:
@@ -123,7 +113,7 @@ def _adam(weight_decay: float) -> optax.GradientTransformation:
 @functools.partial(jax.jit, static_argnames=('module', 'to_prompt', 'weight_decay'))
 def _train_step(module, to_prompt, weight_decay, params, trainable, opt_state, batch, lr):
   def loss_fn(tr):
-    return prompt_loss(module, params, to_prompt(tr), batch)
+    return objective.mean_nll(module, params, to_prompt(tr), batch)
 
   loss, grads = jax.value_and_grad(loss_fn)(trainable)
   updates, opt_state = _adam(weight_decay).update(grads, opt_state, trainable)
