@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
+import time
 import zlib
 from collections import defaultdict
 from typing import Sequence
@@ -17,12 +20,12 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from metal_jax import objective, pgm
-from metal_jax.baselines.common import spec_for
-from metal_jax.data.episodes import (EpisodeSpec, batch_shapes, build_episode, collate,
-                                     concat_examples)
-from metal_jax.data.tasks import TokenizedTask
+from metal_jax.data.episodes import (EpisodeSpec, build_lm_half, build_pgm_half, collate_lm,
+                                     collate_pgm, concat_examples, lm_lengths, pgm_length)
+from metal_jax.data.tasks import DataError, TokenizedTask, load_tokenized, task_file
 
 # ----------------------------------------------------------------------------- metrics
 
@@ -78,19 +81,18 @@ def score_options(module, params, prompt: pgm.Prompt | None, demos: TokenizedTas
   `demo_idx` picks X^L from `demos`.
   """
   demo_tokens = concat_examples(demos, demo_idx)
-  pairs, episodes = [], []
+  pairs, halves = [], []
   for q in range(len(queries)):
     for o, opt in enumerate(queries.option_ids[q]):
       pairs.append((q, o))
-      episodes.append(build_episode(np.zeros((0,), np.int32), demo_tokens,
-                                    queries.input_first[q], queries.input_rest[q], opt, spec))
-  _, lm_len, tgt_len = batch_shapes(episodes, spec)  # one shape for the whole task
-  scores = np.zeros(len(episodes), np.float32)
-  for start in range(0, len(episodes), rows):
-    chunk = episodes[start:start + rows]
+      halves.append(build_lm_half(demo_tokens, queries.input_first[q], queries.input_rest[q],
+                                  opt, spec))
+  lm_len, tgt_len = lm_lengths(halves, spec)  # one shape for the whole task
+  scores = np.zeros(len(halves), np.float32)
+  for start in range(0, len(halves), rows):
+    chunk = halves[start:start + rows]
     padded = chunk + [chunk[-1]] * (rows - len(chunk))  # fixed row count: one compile
-    batch = collate(padded, spec, 0, lm_len, tgt_len)
-    batch = {k: jnp.asarray(v) for k, v in batch.items() if not k.startswith('pgm')}
+    batch = {k: jnp.asarray(v) for k, v in collate_lm(padded, lm_len, tgt_len).items()}
     scores[start:start + len(chunk)] = np.asarray(
         _row_scores(module, params, prompt, batch))[:len(chunk)]
   out = [np.zeros(len(queries.option_ids[q]), np.float32) for q in range(len(queries))]
@@ -106,10 +108,8 @@ def predict(scores: list[np.ndarray], queries: TokenizedTask) -> list[str]:
 def prompt_for(cfg: pgm.PGMConfig, module, params, trainable, demos: TokenizedTask,
                prompt_idx: Sequence[int], spec: EpisodeSpec) -> pgm.Prompt:
   """One PGM forward pass over X^P (the examples prompt_idx of `demos`) -> a batch-1 prompt."""
-  ep = build_episode(concat_examples(demos, prompt_idx), np.zeros((0,), np.int32),
-                     demos.input_first[0], demos.input_rest[0], demos.output_ids[0], spec)
-  pgm_len, _, _ = batch_shapes([ep], spec)
-  b = collate([ep], spec, pgm_len, 0, 0)
+  tokens = build_pgm_half(concat_examples(demos, prompt_idx), spec)
+  b = collate_pgm([tokens], spec, pgm_length([tokens], spec))
   return _generate(cfg, module, params, trainable, jnp.asarray(b['pgm_ids']),
                    jnp.asarray(b['pgm_mask']))
 
@@ -118,9 +118,6 @@ def prompt_for(cfg: pgm.PGMConfig, module, params, trainable, demos: TokenizedTa
 def _generate(cfg, module, params, trainable, ids, mask):
   return pgm.generate(cfg, module, params, trainable, ids, mask, train=False)
 
-
-__all__ = ['metaicl_f1', 'sklearn_f1', 'accuracy', 'metrics', 'score_options', 'predict',
-           'prompt_for', 'dataclasses']
 
 
 # ----------------------------------------------------------------------------- the protocol
@@ -148,7 +145,6 @@ class MethodOutput:
 
 def load_task_seeds(data_dir: str, tasks: Sequence[str], seeds: Sequence[int], tokenizer,
                     cache_dir: str, max_example_len: int, k: int = 16) -> list[TaskSeed]:
-  from metal_jax.data.tasks import DataError, load_tokenized, task_file
   out = []
   for task in tasks:
     for seed in seeds:
@@ -203,12 +199,6 @@ def evaluate(lm, pgm_cfg, trainable, task_seeds: Sequence[TaskSeed], spec: Episo
              methods: Sequence[str], split: tuple[int, int], out_dir: str, *,
              hparams: dict | None = None, seed: int = 0, progress: bool = True) -> dict:
   """Runs every method on every task and seed; writes predictions; returns results.json's content."""
-  import json
-  import os
-  import time
-
-  from tqdm import tqdm
-
   hparams = hparams or {}
   tasks = list(dict.fromkeys(ts.task for ts in task_seeds))
   if 'metal_shuffled' in methods and len(tasks) < 2:
@@ -239,7 +229,7 @@ def evaluate(lm, pgm_cfg, trainable, task_seeds: Sequence[TaskSeed], spec: Episo
         if out.note:
           notes.add(out.note)
         # A prompt longer than spec.prompt_len (BBTv2's 50) leaves fewer positions for the input.
-        spec_m = spec if out.prompt is None else spec_for(spec, out.prompt.length)
+        spec_m = spec if out.prompt is None else spec.with_prompt_len(out.prompt.length)
         scores = score_options(lm.module, lm.params, out.prompt, ts.train, out.demo_idx, ts.test,
                                spec_m)
         preds = predict(scores, ts.test)
@@ -262,8 +252,6 @@ def evaluate(lm, pgm_cfg, trainable, task_seeds: Sequence[TaskSeed], spec: Episo
 
 
 def write_predictions(path: str, queries: TokenizedTask, scores, preds) -> None:
-  import json
-  import os
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, 'w') as f:
     for q, (s, p) in enumerate(zip(scores, preds)):
@@ -274,8 +262,6 @@ def write_predictions(path: str, queries: TokenizedTask, scores, preds) -> None:
 
 def recompute_from_predictions(out_dir: str, results: dict) -> dict:
   """Per-method mean metrics recomputed from the per-example prediction files."""
-  import json
-  import os
   out = {}
   for method, r in results['methods'].items():
     task_means = []
@@ -296,8 +282,6 @@ METRIC_NAMES = {'metaicl_f1': 'MetaICL macro-F1', 'sklearn_f1': 'sklearn macro-F
 
 def write_report(out_dir: str, results: dict) -> str:
   """results.json, results.md (Table 2 / Table 4 shaped) and a bar chart of mean F1; returns the markdown."""
-  import json
-  import os
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, 'results.json'), 'w') as f:
     json.dump(results, f, indent=2)

@@ -169,7 +169,3 @@ def setup(config, workdir: str) -> Setup:
 
 def config_json(config) -> dict:
   return json.loads(config.to_json_best_effort())
-
-
-__all__ = ['validate', 'pgm_config', 'optim_config', 'data_location', 'episode_spec',
-           'meta_train_tasks', 'model_source', 'tokenizer_for', 'load_model', 'jax']

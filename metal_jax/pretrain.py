@@ -29,6 +29,7 @@ import os
 import shutil
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,7 +40,7 @@ from metal_jax import objective
 from metal_jax.data.episodes import concat_examples
 from metal_jax.data.tasks import TokenizedTask
 from metal_jax.models import GPT2Config, GPT2LM
-from metal_jax.models.hf import load_lm, save_lm
+from metal_jax.models.hf import save_lm
 
 log = logging.getLogger('metal_jax')
 
@@ -128,8 +129,7 @@ def pretrain(model_cfg: GPT2Config, tasks: list[TokenizedTask], tokenizer, cfg: 
     return out_dir
   module = GPT2LM(model_cfg)
   params = module.init(jax.random.key(cfg.seed), jnp.zeros((1, 8), jnp.int32))['params']
-  params = jax.tree.map(lambda x: x.value if hasattr(x, 'value') else x, params,
-                        is_leaf=lambda x: hasattr(x, 'value'))
+  params = nn.unbox(params)
   warmup = min(cfg.warmup_steps, cfg.steps // 2)
   schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup,
                                                 max(cfg.decay_steps or cfg.steps, warmup + 1))
@@ -158,6 +158,3 @@ def pretrain(model_cfg: GPT2Config, tasks: list[TokenizedTask], tokenizer, cfg: 
   shutil.rmtree(out_dir, ignore_errors=True)
   os.replace(tmp, out_dir)
   return out_dir
-
-
-__all__ = ['PretrainConfig', 'pretrain', 'lm_batch', 'make_step', 'load_lm']

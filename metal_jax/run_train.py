@@ -131,7 +131,8 @@ class Trainer:
 def make_trainer(config, run: experiment.Setup, steps: int) -> Trainer:
   """The optimizer, the initial train state and the sharded jitted step of a `steps`-step run."""
   optim_cfg = experiment.optim_config(config)
-  tx = training.make_optimizer(optim_cfg, steps)
+  schedule = training.make_schedule(optim_cfg, steps)
+  tx = training.make_optimizer(optim_cfg, schedule)
   init_fn = lambda rng: training.init_state(
       pgm.init_trainable(rng, run.lm.config, run.pgm_cfg), tx)
   state = jax.jit(init_fn, out_shardings=sharding.replicated(run.mesh))(
@@ -139,7 +140,7 @@ def make_trainer(config, run: experiment.Setup, steps: int) -> Trainer:
   step_fn = training.jit_train_step(
       training.make_train_step(run.pgm_cfg, run.lm.module, tx, config.optim.accum_steps),
       run.mesh, run.param_shardings, state)
-  return Trainer(state, step_fn, training.make_schedule(optim_cfg, steps), steps)
+  return Trainer(state, step_fn, schedule, steps)
 
 
 def train(config, workdir: str) -> dict:

@@ -13,6 +13,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as PS
 
@@ -79,7 +80,6 @@ def logical_shardings(abstract_boxed, mesh: Mesh, rules=LOGICAL_RULES):
 
 def param_shardings(module: nn.Module, mesh: Mesh, rules=LOGICAL_RULES):
   """Shardings of the module's params from the logical names they are created with."""
-  import jax.numpy as jnp
   boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
   return logical_shardings(boxed['params'], mesh, rules)
 
@@ -97,7 +97,3 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
   """Global arrays from this process's rows (every process passes its own share)."""
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
-
-
-def count_devices_for_batch(mesh: Mesh) -> int:
-  return mesh.shape['data'] * mesh.shape['fsdp']

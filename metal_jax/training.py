@@ -45,9 +45,8 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
   return schedule
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-  """AdamW on make_schedule, with optional global-norm clipping."""
-  schedule = make_schedule(cfg, total_steps)
+def make_optimizer(cfg: OptimConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+  """AdamW on `schedule` (make_schedule), with optional global-norm clipping."""
   parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
   parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                            weight_decay=cfg.weight_decay))

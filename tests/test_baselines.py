@@ -75,13 +75,13 @@ _prompt_loss = jax.jit(objective.mean_nll, static_argnums=0)
 
 
 def loss_of(lm, prompt, shots, spec=SPEC):
-  batch = common.train_batch(shots, range(len(shots)), common.spec_for(spec, prompt.length))
+  batch = common.train_batch(shots, range(len(shots)), spec.with_prompt_len(prompt.length))
   return float(_prompt_loss(lm.module, lm.params, prompt, batch))
 
 
 def check_scores(lm, prompt, shots, queries):
   """The frozen LM consumes the prompt: score_options gives finite scores for every option."""
-  spec = common.spec_for(SPEC, prompt.length)
+  spec = SPEC.with_prompt_len(prompt.length)
   scores = evaluation.score_options(lm.module, lm.params, prompt, shots, [], queries, spec, rows=8)
   assert len(scores) == len(queries)
   for q, s in enumerate(scores):
@@ -97,7 +97,7 @@ def test_train_batch_is_bare_x_then_y(data, models):
   shots, _ = data
   idx = [3, 0, 7]
   b = common.train_batch(shots, idx, SPEC)
-  assert set(b) == set(common.BATCH_KEYS)
+  assert set(b) == {'lm_ids', 'lm_mask', 'target_pos', 'target_ids', 'target_mask'}  # LM half only
   for r, i in enumerate(idx):
     seq = np.concatenate([shots.input_first[i], shots.output_ids[i]])
     n, ny = len(seq), len(shots.output_ids[i])

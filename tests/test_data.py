@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from metal_jax.data import synthetic as S
+from metal_jax.data import episodes as E
 from metal_jax.data.episodes import EpisodeSampler, EpisodeSpec
 from metal_jax.data.tasks import (DataError, load_setting, load_tokenized, meta_train_file,
                                   task_file, validate_jsonl)
@@ -391,6 +392,25 @@ def test_batch_layout_and_hand_rebuilt_episodes(suite, enc):
     assert b['target_pos'][i, :ny].tolist() == list(range(len(ctx) - 1, len(seq) - 1))
     m = b['target_mask'][i].astype(bool)
     assert (b['lm_ids'][i][b['target_pos'][i][m] + 1] == b['target_ids'][i][m]).all()
+
+
+def test_halves_collate_apart_and_together(suite):
+  """A batch is its two halves: each collated alone gives exactly its keys of the episode batch,
+  so scoring (LM half) and prompt generation (PGM half) never build the other half."""
+  _, _, tasks = suite
+  sampler = EpisodeSampler(tasks, SPEC, batch_size=5, seed=SEED)
+  eps = [sampler.episode(2, i) for i in range(5)]
+  pgm_len, lm_len, tgt_len = E.batch_shapes(eps, SPEC)
+  full = E.collate(eps, SPEC, pgm_len, lm_len, tgt_len)
+  pgm = E.collate_pgm([e.pgm_tokens for e in eps], SPEC, E.pgm_length([e.pgm_tokens for e in eps],
+                                                                       SPEC))
+  lm = E.collate_lm([e.lm for e in eps], *E.lm_lengths([e.lm for e in eps], SPEC))
+  assert set(pgm) == {'pgm_ids', 'pgm_mask'} and set(pgm) | set(lm) == set(full)
+  for k, v in {**pgm, **lm}.items():
+    np.testing.assert_array_equal(v, full[k])
+  np.testing.assert_array_equal(full['lm_ids'], sampler.batch(2)['lm_ids'])
+  longer = SPEC.with_prompt_len(SPEC.prompt_len + 30)
+  assert longer.lm_budget == SPEC.lm_budget - 30 and SPEC.with_prompt_len(SPEC.prompt_len) is SPEC
 
 
 def test_query_is_bare_without_lm_demonstrations(suite, enc):

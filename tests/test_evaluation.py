@@ -253,12 +253,12 @@ def test_lm_rows_are_metaicl_direct_format(lm, tok, hand_task, monkeypatch, n_l)
   demos, queries = hand_task
   seen = []
 
-  def spy(eps, spec, pgm_len, lm_len, tgt_len):
-    out = episodes_mod.collate(eps, spec, pgm_len, lm_len, tgt_len)
+  def spy(halves, lm_len, tgt_len):
+    out = episodes_mod.collate_lm(halves, lm_len, tgt_len)
     seen.append(out)
     return out
 
-  monkeypatch.setattr(evaluation, 'collate', spy)
+  monkeypatch.setattr(evaluation, 'collate_lm', spy)
   evaluation.score_options(lm.module, lm.params, None, demos, list(range(n_l)), queries, SPEC,
                            rows=4)
   batch = {k: np.concatenate([b[k] for b in seen]) for k in seen[0]}

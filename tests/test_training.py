@@ -167,7 +167,7 @@ def step_fn(compiled, lm, model, design):
   key = ('step', model, design)
   if key not in compiled:
     mesh = single_device_mesh()
-    tx = training.make_optimizer(OPTIM, STEPS)
+    tx = training.make_optimizer(OPTIM, training.make_schedule(OPTIM, STEPS))
     cfg = pgm_cfg(design)
     state = training.init_state(pgm.init_trainable(jax.random.key(0), lm.config, cfg), tx)
     step = training.jit_train_step(training.make_train_step(cfg, lm.module, tx), mesh,
@@ -449,7 +449,7 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_run_config, uninterrupted):
   t_mid, _ = training.restore_trainable(wb, lm_cfg, pc, step=N)
   assert tree_rel(t_mid, ta) > 1e-3  # the comparison is not vacuous: training moved the params
 
-  tx = training.make_optimizer(oc, 2 * N)
+  tx = training.make_optimizer(oc, training.make_schedule(oc, 2 * N))
   abstract = jax.eval_shape(lambda: training.init_state(
       pgm.init_trainable(jax.random.key(0), lm_cfg, pc), tx))
   da, db = data_states(wa, [N, 2 * N], abstract), data_states(wb, [N, 2 * N], abstract)

@@ -13,7 +13,7 @@ passes it spent (one pass = one batch through the LM).
 
 DEFAULTS holds the paper's hyperparameters (hparams override them by name).
 The returned prompt's length may differ from spec.prompt_len (BBTv2: 50): score
-it with common.spec_for(spec, prompt.length) so that sequences leave room for it.
+it with spec.with_prompt_len(prompt.length) so that sequences leave room for it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Callable
 
 from metal_jax.baselines import bbtv2, common, metal_tune, p_tuning, prefix_tuning, soft_prompt
-from metal_jax.baselines.common import TuneResult, spec_for, train_batch, tune
+from metal_jax.baselines.common import TuneResult, train_batch, tune
 
 METHODS: dict[str, Callable[..., TuneResult]] = {
     'soft_prompt': soft_prompt.run,
@@ -52,7 +52,3 @@ def get(name: str) -> Callable[..., TuneResult]:
     raise KeyError(f'unknown baseline {name!r} (known: {sorted(METHODS)}; '
                    f'not implemented: {sorted(NOT_IMPLEMENTED)})')
   return METHODS[name]
-
-
-__all__ = ['METHODS', 'DEFAULTS', 'NOT_IMPLEMENTED', 'get', 'TuneResult', 'train_batch',
-           'tune', 'spec_for', 'common']

@@ -116,7 +116,7 @@ def run(module, params: dict, task: TokenizedTask, idx: Sequence[int], spec: Epi
   seed = int(common.np_rng(r_seed).integers(1, 2**30))  # cma: seed 0 would mean "random"
   table = np.asarray(params[cfg.embed_param], np.float32)
   std = np.float32(hp['alpha'] * float(table.std()) / (math.sqrt(d) * hp['sigma0']))
-  batch = common.train_batch(task, idx, common.spec_for(spec, p))
+  batch = common.train_batch(task, idx, spec.with_prompt_len(p))
   if n_layers * d * math.prod(shape) * 4 <= CACHE_BYTES:  # every A_l once per task
     layer_projection = [projection(r_proj, l, std, d, shape) for l in range(n_layers)].__getitem__
   else:  # A_l drawn again at every generation

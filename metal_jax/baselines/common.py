@@ -27,12 +27,11 @@ import numpy as np
 import optax
 
 from metal_jax import objective
-from metal_jax.data.episodes import EpisodeSpec, batch_shapes, build_episode, collate
+from metal_jax.data.episodes import EpisodeSpec, build_lm_half, collate_lm, lm_lengths
 from metal_jax.data.tasks import TokenizedTask
 from metal_jax.models import KV
 from metal_jax.pgm import Prompt
 
-BATCH_KEYS = ('lm_ids', 'lm_mask', 'target_pos', 'target_ids', 'target_mask')
 
 
 @dataclasses.dataclass
@@ -44,31 +43,20 @@ class TuneResult:
   note: str = ''  # e.g. 'budget allows 0 CMA-ES iterations: prompt is untuned'
 
 
-def spec_for(spec: EpisodeSpec, prompt_len: int) -> EpisodeSpec:
-  """`spec` with room for a prompt of `prompt_len` positions (sequences are cut to max_len - P).
-
-  Use it for scoring too: a prompt longer than spec.prompt_len with a sequence cut
-  for spec.prompt_len would run past the model's positions.
-  """
-  return spec if spec.prompt_len == prompt_len else dataclasses.replace(spec, prompt_len=prompt_len)
-
-
 def train_batch(task: TokenizedTask, idx: Sequence[int], spec: EpisodeSpec) -> dict:
-  """The examples idx of `task` as one LM batch (prompt + x + y, n_L = 0): jnp arrays, right-padded.
+  """The examples idx of `task` as one LM half (prompt + x + y, n_L = 0): jnp arrays, right-padded.
 
   Keys lm_ids, lm_mask [B, T] and target_pos, target_ids, target_mask [B, Y]
-  (episodes.collate's LM part); the target is y. Sequences are cut from the
-  left to spec.lm_budget = max_len - spec.prompt_len tokens.
+  (episodes.collate_lm); the target is y. Sequences are cut from the left to
+  spec.lm_budget = max_len - spec.prompt_len tokens.
   """
   idx = [int(i) for i in idx]
   if not idx:
     raise ValueError('train_batch needs at least one example')
   empty = np.zeros((0,), np.int32)
-  episodes = [build_episode(empty, empty, task.input_first[i], task.input_rest[i],
-                            task.output_ids[i], spec) for i in idx]
-  _, lm_len, tgt_len = batch_shapes(episodes, spec)
-  batch = collate(episodes, spec, 0, lm_len, tgt_len)
-  return {k: jnp.asarray(batch[k]) for k in BATCH_KEYS}
+  halves = [build_lm_half(empty, task.input_first[i], task.input_rest[i], task.output_ids[i], spec)
+            for i in idx]
+  return {k: jnp.asarray(v) for k, v in collate_lm(halves, *lm_lengths(halves, spec)).items()}
 
 
 def merge_hparams(method: str, defaults: dict, given: dict) -> dict:
@@ -185,7 +173,7 @@ def tune_encoder(to_prompt: EncoderPrompt, module, params: dict, task: Tokenized
   """Initialises the encoder and tunes its weights on the examples idx (P-tuning, Prefix-tuning)."""
   r_init, r_shuffle = jax.random.split(as_key(rng))
   init = init_module(to_prompt.encoder, r_init)
-  batch = train_batch(task, idx, spec_for(spec, hp['prompt_len']))
+  batch = train_batch(task, idx, spec.with_prompt_len(hp['prompt_len']))
   trained, losses = tune(init, to_prompt, module, params, batch, lr=hp['lr'],
                          epochs=hp['epochs'], batch_size=hp['batch_size'], rng=r_shuffle,
                          weight_decay=hp['weight_decay'])

@@ -55,7 +55,7 @@ def run(module, params: dict, task: TokenizedTask, idx: Sequence[int], spec: Epi
     raise ValueError('metal_tune needs init_prompt: the prompt the PGM generated for this task')
   init = trainable_of(init_prompt)
   to_prompt = DirectPrompt()
-  batch = common.train_batch(task, idx, common.spec_for(spec, init_prompt.length))
+  batch = common.train_batch(task, idx, spec.with_prompt_len(init_prompt.length))
   trained, losses = common.tune(init, to_prompt, module, params, batch, lr=hp['lr'],
                                 epochs=hp['epochs'], batch_size=hp['batch_size'],
                                 rng=common.as_key(rng), weight_decay=hp['weight_decay'])

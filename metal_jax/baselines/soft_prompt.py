@@ -51,7 +51,7 @@ def run(module, params: dict, task: TokenizedTask, idx: Sequence[int], spec: Epi
     embeds = jnp.asarray(init_prompt.embeds[0], jnp.float32)
   else:
     embeds = init_from_vocab(r_init, module, params, hp['prompt_len'])
-  batch = common.train_batch(task, idx, common.spec_for(spec, embeds.shape[0]))
+  batch = common.train_batch(task, idx, spec.with_prompt_len(embeds.shape[0]))
   to_prompt = EmbedsPrompt()
   trained, losses = common.tune({'embeds': embeds}, to_prompt, module, params, batch,
                                 lr=hp['lr'], epochs=hp['epochs'], batch_size=hp['batch_size'],

@@ -9,6 +9,11 @@ Batches are a pure function of (seed, step): episode i of step s uses the RNG
 seeded by (seed, s, i), whatever the number of processes; a process builds only
 its own rows. The iterator's whole state is {seed, step}.
 
+A batch comes in halves, built and collated separately: the PGM half (X^P and
+the P slots: collate_pgm) and the LM half (X^L, x, y and the targets:
+collate_lm); an episode is the pair, its batch both halves' keys (collate).
+Scoring and prompt tuning use the LM half alone, prompt generation the PGM half.
+
 Batch layout (numpy):
   pgm_ids   [B, Tp] int32  X^P then P placeholder slots, LEFT-padded (slots are
                            always the last P positions)
@@ -50,6 +55,11 @@ class EpisodeSpec:
   def lm_budget(self) -> int:
     return self.max_len - self.prompt_len  # the prompt takes positions 0..P-1
 
+  def with_prompt_len(self, prompt_len: int) -> 'EpisodeSpec':
+    """This spec with room for a prompt of `prompt_len` positions (sequences are cut to
+    max_len - P): score a prompt longer than prompt_len (BBTv2's 50) with it."""
+    return self if prompt_len == self.prompt_len else dataclasses.replace(self, prompt_len=prompt_len)
+
   def length_buckets(self) -> tuple[int, ...]:
     if self.buckets:
       return tuple(sorted(set(self.buckets) | {self.max_len}))
@@ -82,65 +92,104 @@ def left_truncate(x: np.ndarray, n: int) -> np.ndarray:
 
 
 @dataclasses.dataclass
-class Episode:
-  pgm_tokens: np.ndarray  # X^P, truncated
-  lm_context: np.ndarray  # X^L + x, truncated
+class LMHalf:
+  """What the frozen LM reads and scores: X^L + x (cut from the left to fit), then y."""
+  context: np.ndarray  # X^L + x
   target: np.ndarray  # y
 
 
-def build_episode(pgm_tokens: np.ndarray, demo_tokens: np.ndarray, x_first: np.ndarray,
-                  x_rest: np.ndarray, y: np.ndarray, spec: EpisodeSpec) -> Episode:
-  """Cuts X^P and (X^L, x) from the left to fit the model; x is bare when X^L is empty."""
+@dataclasses.dataclass
+class Episode:
+  """A meta-training episode: the PGM half (X^P, truncated) and the LM half."""
+  pgm_tokens: np.ndarray  # X^P, truncated
+  lm: LMHalf
+
+  @property
+  def lm_context(self) -> np.ndarray:
+    return self.lm.context
+
+  @property
+  def target(self) -> np.ndarray:
+    return self.lm.target
+
+
+def build_pgm_half(pgm_tokens: np.ndarray, spec: EpisodeSpec) -> np.ndarray:
+  """X^P cut from the left so that it and the P slots fit the model."""
+  return left_truncate(pgm_tokens, spec.pgm_budget)
+
+
+def build_lm_half(demo_tokens: np.ndarray, x_first: np.ndarray, x_rest: np.ndarray,
+                  y: np.ndarray, spec: EpisodeSpec) -> LMHalf:
+  """(X^L, x) cut from the left to fit after the prompt; x is bare when X^L is empty."""
   x = x_rest if len(demo_tokens) else x_first
-  ctx = left_truncate(np.concatenate([demo_tokens, x]), spec.lm_budget - len(y))
-  return Episode(left_truncate(pgm_tokens, spec.pgm_budget), ctx, y)
+  return LMHalf(left_truncate(np.concatenate([demo_tokens, x]), spec.lm_budget - len(y)), y)
 
 
 def make_episode(task: TokenizedTask, prompt_idx: Sequence[int], demo_idx: Sequence[int],
                  query: int, spec: EpisodeSpec) -> Episode:
   """One meta-training episode, all examples from `task`."""
-  return build_episode(concat_examples(task, prompt_idx), concat_examples(task, demo_idx),
-                       task.input_first[query], task.input_rest[query], task.output_ids[query],
-                       spec)
+  return Episode(build_pgm_half(concat_examples(task, prompt_idx), spec),
+                 build_lm_half(concat_examples(task, demo_idx), task.input_first[query],
+                               task.input_rest[query], task.output_ids[query], spec))
+
+
+def collate_pgm(pgm_tokens: Sequence[np.ndarray], spec: EpisodeSpec,
+                pgm_len: int) -> dict[str, np.ndarray]:
+  """PGM halves -> pgm_ids, pgm_mask [B, pgm_len]: X^P left-padded, the P slots last."""
+  b, p = len(pgm_tokens), spec.prompt_len
+  out = {'pgm_ids': np.full((b, pgm_len), PAD_ID, np.int32),
+         'pgm_mask': np.zeros((b, pgm_len), np.int32)}
+  for i, x in enumerate(pgm_tokens):
+    n = len(x)
+    out['pgm_ids'][i, pgm_len - p - n:pgm_len - p] = x
+    out['pgm_mask'][i, pgm_len - p - n:] = 1
+  return out
+
+
+def collate_lm(halves: Sequence[LMHalf], lm_len: int, target_len: int) -> dict[str, np.ndarray]:
+  """LM halves -> lm_ids, lm_mask [B, lm_len] (right-padded) and target_pos, target_ids,
+  target_mask [B, target_len]."""
+  b = len(halves)
+  out = {'lm_ids': np.full((b, lm_len), PAD_ID, np.int32),
+         'lm_mask': np.zeros((b, lm_len), np.int32),
+         'target_pos': np.zeros((b, target_len), np.int32),
+         'target_ids': np.full((b, target_len), PAD_ID, np.int32),
+         'target_mask': np.zeros((b, target_len), np.int32)}
+  for i, h in enumerate(halves):
+    seq = np.concatenate([h.context, h.target])
+    out['lm_ids'][i, :len(seq)] = seq
+    out['lm_mask'][i, :len(seq)] = 1
+    ny = len(h.target)
+    out['target_pos'][i, :ny] = len(h.context) - 1 + np.arange(ny)
+    out['target_ids'][i, :ny] = h.target
+    out['target_mask'][i, :ny] = 1
+  return out
 
 
 def collate(episodes: Sequence[Episode], spec: EpisodeSpec, pgm_len: int, lm_len: int,
             target_len: int) -> dict[str, np.ndarray]:
-  """Pads episodes into the batch layout described in the module docstring."""
-  b, p = len(episodes), spec.prompt_len
-  out = {
-      'pgm_ids': np.full((b, pgm_len), PAD_ID, np.int32),
-      'pgm_mask': np.zeros((b, pgm_len), np.int32),
-      'lm_ids': np.full((b, lm_len), PAD_ID, np.int32),
-      'lm_mask': np.zeros((b, lm_len), np.int32),
-      'target_pos': np.zeros((b, target_len), np.int32),
-      'target_ids': np.full((b, target_len), PAD_ID, np.int32),
-      'target_mask': np.zeros((b, target_len), np.int32),
-  }
-  for i, ep in enumerate(episodes):
-    if pgm_len:  # 0: no PGM input (scoring)
-      n = len(ep.pgm_tokens)
-      out['pgm_ids'][i, pgm_len - p - n:pgm_len - p] = ep.pgm_tokens
-      out['pgm_mask'][i, pgm_len - p - n:] = 1
-    if lm_len:  # 0: no LM input (prompt generation)
-      seq = np.concatenate([ep.lm_context, ep.target])
-      out['lm_ids'][i, :len(seq)] = seq
-      out['lm_mask'][i, :len(seq)] = 1
-      ny = len(ep.target)
-      out['target_pos'][i, :ny] = len(ep.lm_context) - 1 + np.arange(ny)
-      out['target_ids'][i, :ny] = ep.target
-      out['target_mask'][i, :ny] = 1
-  return out
+  """Episodes -> both halves' keys (the layout in the module docstring)."""
+  return {**collate_pgm([e.pgm_tokens for e in episodes], spec, pgm_len),
+          **collate_lm([e.lm for e in episodes], lm_len, target_len)}
+
+
+def pgm_length(pgm_tokens: Sequence[np.ndarray], spec: EpisodeSpec) -> int:
+  """The bucketed PGM length that fits every X^P and the P slots."""
+  return bucket(max(len(x) for x in pgm_tokens) + spec.prompt_len, spec.length_buckets())
+
+
+def lm_lengths(halves: Sequence[LMHalf], spec: EpisodeSpec) -> tuple[int, int]:
+  """Bucketed (lm_len, target_len) that fit every LM half (after a prompt of spec.prompt_len)."""
+  lm_buckets = tuple(b for b in spec.length_buckets() if b < spec.lm_budget) + (spec.lm_budget,)
+  lm = bucket(max(len(h.context) + len(h.target) for h in halves), lm_buckets)
+  tgt = bucket(max(len(h.target) for h in halves), spec.target_buckets + (spec.lm_budget,))
+  return lm, tgt
 
 
 def batch_shapes(episodes: Sequence[Episode], spec: EpisodeSpec) -> tuple[int, int, int]:
   """Bucketed (pgm_len, lm_len, target_len) that fit every episode."""
-  buckets = spec.length_buckets()  # up to max_len: X^P + the P slots
-  lm_buckets = tuple(b for b in buckets if b < spec.lm_budget) + (spec.lm_budget,)  # + prompt
-  pgm = bucket(max(len(e.pgm_tokens) for e in episodes) + spec.prompt_len, buckets)
-  lm = bucket(max(len(e.lm_context) + len(e.target) for e in episodes), lm_buckets)
-  tgt = bucket(max(len(e.target) for e in episodes), spec.target_buckets + (spec.lm_budget,))
-  return pgm, lm, tgt
+  return (pgm_length([e.pgm_tokens for e in episodes], spec),
+          *lm_lengths([e.lm for e in episodes], spec))
 
 
 class EpisodeSampler:

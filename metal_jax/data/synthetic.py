@@ -44,9 +44,10 @@ import os
 
 import numpy as np
 
+from metal_jax.data.tasks import meta_train_file, task_file
+
 SEEDS = (100, 13, 21, 42, 87)  # MetaICL's few-shot seeds
 K = 16  # examples per few-shot train file
-META_TRAIN_K, META_TRAIN_SEED = 16384, 100  # MetaICL's names for meta-training files
 FORMAT_VERSION = 2  # bump when the generated content changes
 
 EOS = '<|endoftext|>'
@@ -246,17 +247,13 @@ def _write_jsonl(path: str, rows) -> None:
   _write_atomic(path, ''.join(json.dumps(r) + '\n' for r in rows))
 
 
-def meta_train_path(data_dir: str, task: str) -> str:
-  return os.path.join(data_dir, task, f'{task}_{META_TRAIN_K}_{META_TRAIN_SEED}_train.jsonl')
-
-
 def few_shot_path(data_dir: str, task: str, seed: int, split: str) -> str:
-  return os.path.join(data_dir, task, f'{task}_{K}_{seed}_{split}.jsonl')
+  return task_file(data_dir, task, K, seed, split)
 
 
 def _expected_files(data_dir: str, setting: dict):
   for t in setting['train']:
-    yield meta_train_path(data_dir, t)
+    yield meta_train_file(data_dir, t)
   for t in setting['test']:
     for s in SEEDS:
       yield few_shot_path(data_dir, t, s, 'train')
@@ -317,7 +314,7 @@ def write_suite(data_dir: str, *, seed: int = 0, n_train_tasks: int = 24, n_test
     spec = _task_spec(seed, family, number)
     os.makedirs(os.path.join(data_dir, name), exist_ok=True)
     rows = _meta_train_examples(name, spec, n_train_examples, _rng(seed, family, number, 1))
-    _write_jsonl(meta_train_path(data_dir, name), rows)
+    _write_jsonl(meta_train_file(data_dir, name), rows)
 
   for family, number in test:
     name = _name(family, number)

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_dtypes
+import flax.linen as nn
 import numpy as np
 from flax import traverse_util
 
@@ -157,9 +158,7 @@ def unstack_layers(flat: dict[str, Any], n_layers: int) -> dict[str, Any]:
 def param_shapes(module: CausalLM) -> dict[str, jax.ShapeDtypeStruct]:
   """Flat {path: ShapeDtypeStruct} of the module's params, allocating nothing."""
   shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
-  unboxed = jax.tree.map(lambda x: x.value if hasattr(x, 'value') else x, shapes['params'],
-                         is_leaf=lambda x: hasattr(x, 'value'))
-  return traverse_util.flatten_dict(unboxed, sep='/')
+  return traverse_util.flatten_dict(nn.unbox(shapes['params']), sep='/')
 
 
 def count_params(config) -> int:
@@ -284,7 +283,6 @@ def load_params(directory: str, config, shardings=None) -> dict:
   assert set(rules) == set(expected), sorted(set(rules) ^ set(expected))
   tensors = _Tensors(directory)
   prefix = OPTIONAL_PREFIX[config.model_type]
-  available = dict(tensors.file_of)
   if prefix:  # accept keys with or without the bare-model prefix
     available = {(k if k.startswith(prefix) or k.startswith('lm_head') else prefix + k): k
                  for k in tensors.file_of}
