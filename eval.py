@@ -15,9 +15,9 @@ from absl import app, flags
 from metal_jax import run_eval
 
 flags.DEFINE_string('workdir', 'runs/default', 'the train.py run to evaluate')
-flags.DEFINE_string('split', '', '(n_P, n_L) as "16,0", "12,4" or "8,8"; default: the training split')
-flags.DEFINE_string('seeds', '100,13,21,42', 'few-shot seeds (MetaICL: 100,13,21,42,87)')
-flags.DEFINE_string('methods', 'all', 'comma list, or "all" (every implemented method)')
+flags.DEFINE_list('split', [], '(n_P, n_L) as "16,0", "12,4" or "8,8"; default: the training split')
+flags.DEFINE_list('seeds', ['100', '13', '21', '42'], 'few-shot seeds (MetaICL: 100,13,21,42,87)')
+flags.DEFINE_list('methods', ['all'], 'comma list, or "all" (every implemented method)')
 flags.DEFINE_integer('bbt_budget', 0, 'BBTv2 forward passes per task; 0 = the run config\'s eval.bbt_budget '
                      '(the default config: 480), else the paper\'s 3,840')
 flags.DEFINE_string('out', '', 'output directory; default WORKDIR/eval')

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from metal_jax import objective, pgm
+from metal_jax import baselines, objective, pgm
 from metal_jax.data.episodes import (EpisodeSpec, build_lm_half, build_pgm_half, collate_lm,
                                      collate_pgm, concat_examples, lm_lengths, pgm_length)
 from metal_jax.data.tasks import DataError, TokenizedTask, load_tokenized, task_file
@@ -178,7 +178,6 @@ def method_prompt(method: str, ts: TaskSeed, *, lm, pgm_cfg, trainable, spec: Ep
     source = ts.train if method == 'metal' else others[(ts.task, ts.seed)]
     prompt = prompt_for(pgm_cfg, lm.module, lm.params, trainable, source, prompt_idx, spec)
     return MethodOutput(prompt, demo_idx, forward_passes=1)
-  from metal_jax import baselines
   if method not in baselines.METHODS:
     raise ValueError(f'unknown method {method!r}')
   init = None

@@ -13,13 +13,14 @@ import os
 
 import jax
 import ml_collections
+from jax.experimental import multihost_utils
 
 from metal_jax import lora, pgm, sharding
 from metal_jax.data import synthetic
 from metal_jax.data.episodes import EpisodeSpec
 from metal_jax.data.tasks import DataError, load_setting, load_tokenized, meta_train_file
 from metal_jax.models import GPT2Config
-from metal_jax.models.hf import LoadedLM, load_lm, read_hf_config, resolve
+from metal_jax.models.hf import LoadedLM, load_lm, load_tokenizer, read_hf_config, resolve
 from metal_jax.models import config_from_hf, module_for
 from metal_jax.pretrain import PretrainConfig, pretrain
 from metal_jax.training import OptimConfig
@@ -110,7 +111,6 @@ def tokenizer_for(config, workdir):
   """The tokenizer, before the model is loaded (the built-in model is trained with it)."""
   if config.model == BUILTIN:
     return synthetic.build_tokenizer()
-  from metal_jax.models.hf import load_tokenizer
   tok = load_tokenizer(resolve(config.model))
   if tok is None:
     raise ValueError(f'--config.model={config.model!r}: the checkpoint has no tokenizer files')
@@ -155,7 +155,6 @@ def setup(config, workdir: str) -> Setup:
   if jax.process_count() == 1:
     data_dir, setting, tokenizer, tasks, lm_dir = prepare()
   else:  # process 0 writes the shared files (suite, token cache, base LM); the others then read
-    from jax.experimental import multihost_utils
     if jax.process_index() == 0:
       data_dir, setting, tokenizer, tasks, lm_dir = prepare()
     multihost_utils.sync_global_devices('metal_jax: data and base LM prepared')

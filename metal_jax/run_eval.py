@@ -6,27 +6,27 @@ import logging
 import os
 import shutil
 import time
+from typing import Sequence
 
 import ml_collections
 
-from metal_jax import evaluation, experiment, sharding, training
+from metal_jax import baselines, evaluation, experiment, sharding, training
 
 log = logging.getLogger('metal_jax')
 
 
-def parse_ints(text: str, flag: str) -> list[int]:
+def parse_ints(items: Sequence[str], flag: str) -> list[int]:
   try:
-    return [int(x) for x in text.split(',') if x.strip()]
+    return [int(x) for x in items]
   except ValueError as e:
-    raise ValueError(f'--{flag}={text!r}: expected comma-separated integers') from e
+    raise ValueError(f'--{flag}={",".join(items)}: expected comma-separated integers') from e
 
 
-def resolve_methods(text: str) -> tuple[list[str], dict]:
-  from metal_jax import baselines
+def resolve_methods(names: Sequence[str]) -> tuple[list[str], dict]:
   known = list(evaluation.BUILTIN_METHODS) + list(baselines.METHODS)
-  if text == 'all':
+  if list(names) == ['all']:
     return known, dict(baselines.NOT_IMPLEMENTED)
-  methods = [m.strip() for m in text.split(',') if m.strip()]
+  methods = [m.strip() for m in names if m.strip()]
   missing = {m: baselines.NOT_IMPLEMENTED[m] for m in methods if m in baselines.NOT_IMPLEMENTED}
   unknown = [m for m in methods if m not in known and m not in missing]
   if unknown:
@@ -34,14 +34,16 @@ def resolve_methods(text: str) -> tuple[list[str], dict]:
   return [m for m in methods if m not in missing], missing
 
 
-def main(*, workdir: str, split: str = '', seeds: str = '100,13,21,42', methods: str = 'all',
-         bbt_budget: int = 0, out: str = '', progress: bool = True) -> str:
+def main(*, workdir: str, split: Sequence[str] = (), seeds: Sequence[str] = ('100', '13', '21', '42'),
+         methods: Sequence[str] = ('all',), bbt_budget: int = 0, out: str = '',
+         progress: bool = True) -> str:
+  """Lists are absl list flags' values (eval.py): --seeds=100,13 gives ['100', '13']."""
   cfg_json, step = training.restore_config(workdir)
   config = ml_collections.ConfigDict(cfg_json)
   split_t = tuple(parse_ints(split, 'split')) if split else (
       config.n_prompt_examples, config.n_lm_examples)
   if len(split_t) != 2:
-    raise ValueError(f'--split={split!r}: expected "n_P,n_L"')
+    raise ValueError(f'--split={",".join(split)}: expected "n_P,n_L"')
   seed_list = parse_ints(seeds, 'seeds')
   method_list, not_implemented = resolve_methods(methods)
 
@@ -51,7 +53,7 @@ def main(*, workdir: str, split: str = '', seeds: str = '100,13,21,42', methods:
     ckpt = os.path.join(workdir, 'base_lm')
   else:
     ckpt = experiment.model_source(config, workdir)
-  mesh = sharding.make_mesh({'data': 1, 'fsdp': -1, 'tensor': 1})
+  mesh = sharding.make_mesh(config.mesh.to_dict())  # the run's own mesh
   lm, _ = experiment.load_model(config, ckpt, mesh)
   pgm_cfg = experiment.pgm_config(config)
   spec = experiment.episode_spec(config, lm.config)

@@ -398,8 +398,8 @@ def trained_run(tmp_path_factory, tok):
   c.eval.bbt_budget = 15  # eval.py's default for this run (the flag below overrides it)
   workdir = str(tmp_path_factory.mktemp('run'))
   run_train.train(c, workdir)
-  md = run_eval.main(workdir=workdir, seeds=','.join(map(str, E2E_SEEDS)),
-                     methods=','.join(E2E_METHODS), bbt_budget=10, progress=False)
+  md = run_eval.main(workdir=workdir, seeds=[str(s) for s in E2E_SEEDS],
+                     methods=E2E_METHODS, bbt_budget=10, progress=False)
   return workdir, md
 
 
@@ -407,7 +407,7 @@ def test_bbt_budget_from_the_run_config(trained_run, tmp_path):
   """--bbt_budget=0 takes the run config's eval.bbt_budget (15: 3 generations of 5)."""
   workdir, _ = trained_run
   out = str(tmp_path / 'eval')
-  run_eval.main(workdir=workdir, seeds='100', methods='bbtv2', out=out, progress=False)
+  run_eval.main(workdir=workdir, seeds=['100'], methods=['bbtv2'], out=out, progress=False)
   with open(os.path.join(out, 'results.json')) as f:
     cost = json.load(f)['methods']['bbtv2']['cost']
   assert cost['forward_passes_per_task'] == 15
@@ -488,12 +488,12 @@ def test_end_to_end_outputs_are_consistent(trained_run):
 
 
 def test_rlprompt_listed_as_not_implemented():
-  methods, missing = run_eval.resolve_methods('all')
+  methods, missing = run_eval.resolve_methods(['all'])
   assert 'rlprompt' in missing and 'not implemented' in missing['rlprompt']
   assert 'rlprompt' not in methods
   assert set(evaluation.BUILTIN_METHODS) <= set(methods)
   with pytest.raises(ValueError, match='unknown'):
-    run_eval.resolve_methods('metal,nonsense')
+    run_eval.resolve_methods(['metal', 'nonsense'])
 
 
 # ----------------------------------------------------------------------------- 5. reruns
@@ -533,14 +533,16 @@ def test_rerun_replaces_eval_and_failed_rerun_leaves_it_intact(trained_run, tmp_
 
   monkeypatch.setattr(evaluation, 'score_options', failing)
   with pytest.raises(RuntimeError, match='injected failure'):
-    run_eval.main(workdir=workdir, seeds='100,13', methods='zero_shot,metal', progress=False)
+    run_eval.main(workdir=workdir, seeds=['100', '13'], methods=['zero_shot', 'metal'],
+                  progress=False)
   assert n_calls[0] == 2
   assert snapshot(out) == before  # the earlier eval/ untouched, junk and all
   leftovers = sorted(n for n in os.listdir(workdir) if n.startswith('eval') and n != 'eval')
   monkeypatch.setattr(evaluation, 'score_options', orig)
 
   # A successful rerun with fewer methods: eval/ is replaced wholesale.
-  md = run_eval.main(workdir=workdir, seeds='100,13', methods='metal,rlprompt', progress=False)
+  md = run_eval.main(workdir=workdir, seeds=['100', '13'], methods=['metal', 'rlprompt'],
+                     progress=False)
   assert not os.path.exists(junk)
   assert os.listdir(os.path.join(out, 'predictions')) == ['metal']
   tasks = first['tasks']

@@ -60,10 +60,9 @@ def to_prompt(state: jax.Array) -> Prompt:
   return Prompt(kv=KV(state[:, 0][:, None], state[:, 1][:, None]))
 
 
-# Drawing A_l (d x 2PKH normals) costs more than the population's forward passes on a small
-# LM (measured: 107 ms vs 56 ms a generation for the default tiny GPT-2 on 2 CPU cores), so
-# run() draws every layer's A_l once per task when they fit in this many bytes in all;
-# bigger models (GPT2-XL: 15 GB) draw A_l again at every generation.
+# Drawing A_l (d x 2PKH normals) can cost more than the population's forward passes on a small
+# LM (README: "BBTv2's projections"), so run() draws every layer's A_l once per task when they
+# fit in this many bytes in all; bigger models (GPT2-XL: 15 GB) draw A_l at every generation.
 CACHE_BYTES = 1 << 30
 
 
