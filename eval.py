@@ -20,6 +20,8 @@ flags.DEFINE_list('seeds', ['100', '13', '21', '42'], 'few-shot seeds (MetaICL: 
 flags.DEFINE_list('methods', ['all'], 'comma list, or "all" (every implemented method)')
 flags.DEFINE_integer('bbt_budget', 0, 'BBTv2 forward passes per task; 0 = the run config\'s eval.bbt_budget '
                      '(the default config: 480), else the paper\'s 3,840')
+flags.DEFINE_list('hparams', [], 'method hyperparameters, e.g. "soft_prompt.lr=1e-3,bbtv2.popsize=10" '
+                  '(the fields of each method\'s Hparams; the paper\'s values by default)')
 flags.DEFINE_string('out', '', 'output directory; default WORKDIR/eval')
 flags.DEFINE_bool('progress', True, 'show a progress bar')
 
@@ -30,7 +32,8 @@ def main(argv):
   logging.getLogger('absl').setLevel(logging.WARNING)
   f = flags.FLAGS
   md = run_eval.main(workdir=f.workdir, split=f.split, seeds=f.seeds, methods=f.methods,
-                     bbt_budget=f.bbt_budget, out=f.out, progress=f.progress)
+                     hparams=f.hparams, bbt_budget=f.bbt_budget, out=f.out,
+                     progress=f.progress)
   print(md)
 
 

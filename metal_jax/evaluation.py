@@ -15,14 +15,14 @@ import os
 import time
 import zlib
 from collections import defaultdict
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from metal_jax import baselines, objective, pgm
+from metal_jax import objective, pgm
 from metal_jax.data.episodes import (EpisodeSpec, build_lm_half, build_pgm_half, collate_lm,
                                      collate_pgm, concat_examples, lm_lengths, pgm_length)
 from metal_jax.data.tasks import DataError, TokenizedTask, load_tokenized, task_file
@@ -122,7 +122,6 @@ def _generate(cfg, module, params, trainable, ids, mask):
 
 # ----------------------------------------------------------------------------- the protocol
 
-BUILTIN_METHODS = ('zero_shot', 'icl', 'metal', 'metal_shuffled')
 
 
 @dataclasses.dataclass
@@ -165,29 +164,20 @@ def split_indices(n_prompt: int, n_lm: int, k: int = 16) -> tuple[list[int], lis
   return list(range(n_prompt)), list(range(n_prompt, n_prompt + n_lm))
 
 
-def method_prompt(method: str, ts: TaskSeed, *, lm, pgm_cfg, trainable, spec: EpisodeSpec,
-                  split: tuple[int, int], others: dict, rng, hparams: dict) -> MethodOutput:
-  """The prompt (and demonstrations) a method gives the frozen LM for one task and seed."""
-  prompt_idx, demo_idx = split_indices(*split)
-  all_idx = list(range(min(len(ts.train), 16)))  # tuned baselines train on all 16 examples
-  if method == 'zero_shot':
-    return MethodOutput(None, [])
-  if method == 'icl':
-    return MethodOutput(None, all_idx)
-  if method in ('metal', 'metal_shuffled'):
-    source = ts.train if method == 'metal' else others[(ts.task, ts.seed)]
-    prompt = prompt_for(pgm_cfg, lm.module, lm.params, trainable, source, prompt_idx, spec)
-    return MethodOutput(prompt, demo_idx, forward_passes=1)
-  if method not in baselines.METHODS:
-    raise ValueError(f'unknown method {method!r}')
-  init = None
-  if method == 'metal_tune':
-    init = prompt_for(pgm_cfg, lm.module, lm.params, trainable, ts.train, prompt_idx, spec)
-  res = baselines.METHODS[method](lm.module, lm.params, ts.train, all_idx, spec, rng=rng,
-                                  init_prompt=init, **hparams.get(method, {}))
-  extra = 1 if method == 'metal_tune' else 0  # the PGM pass that made the initial prompt
-  return MethodOutput(res.prompt, demo_idx, res.forward_passes + extra, res.backward_passes,
-                      res.note)
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """What every method may read, fixed for one evaluation."""
+  lm: Any  # models.hf.LoadedLM: the frozen LM
+  pgm_cfg: pgm.PGMConfig
+  trainable: dict  # the PGM's trainable pytree
+  spec: EpisodeSpec
+  split: tuple[int, int]  # (n_P, n_L)
+  others: dict  # (task, seed) -> another test task's train split (the metal_shuffled control)
+
+
+def method_prompt(name: str, method, hp, ts: TaskSeed, ctx: Context, rng) -> MethodOutput:
+  """The prompt (and demonstrations) method `name` gives the frozen LM for one task and seed."""
+  return method.prompt(ctx, ts, hp, rng)
 
 
 def _mean_metrics(rows: Sequence[dict]) -> dict:
@@ -195,12 +185,15 @@ def _mean_metrics(rows: Sequence[dict]) -> dict:
 
 
 def evaluate(lm, pgm_cfg, trainable, task_seeds: Sequence[TaskSeed], spec: EpisodeSpec,
-             methods: Sequence[str], split: tuple[int, int], out_dir: str, *,
-             hparams: dict | None = None, seed: int = 0, progress: bool = True) -> dict:
-  """Runs every method on every task and seed; writes predictions; returns results.json's content."""
-  hparams = hparams or {}
+             methods: Sequence[tuple[str, Any, Any]], split: tuple[int, int], out_dir: str, *,
+             seed: int = 0, progress: bool = True) -> dict:
+  """Runs every method on every task and seed; writes predictions; returns results.json's content.
+
+  `methods`: (name, method, hyperparameters) triples (metal_jax.methods.REGISTRY's objects).
+  """
   tasks = list(dict.fromkeys(ts.task for ts in task_seeds))
-  if 'metal_shuffled' in methods and len(tasks) < 2:
+  names = [name for name, _, _ in methods]
+  if 'metal_shuffled' in names and len(tasks) < 2:
     raise ValueError('the metal_shuffled control needs at least 2 test tasks (it reads X^P from '
                      'another task)')
   by_key = {(ts.task, ts.seed): ts for ts in task_seeds}
@@ -209,9 +202,11 @@ def evaluate(lm, pgm_cfg, trainable, task_seeds: Sequence[TaskSeed], spec: Episo
             for ts in task_seeds}
   results = {'split': list(split), 'seeds': sorted({ts.seed for ts in task_seeds}),
              'tasks': tasks, 'methods': {}}
+  ctx = Context(lm, pgm_cfg, trainable, spec, tuple(split), others)
   bar = tqdm(total=len(methods) * len(tasks), desc='evaluate', dynamic_ncols=True,
              disable=not progress)
-  for method in methods:
+  for name, method_obj, hp in methods:
+    method = name
     per_task, walls, fwd, bwd, notes = {}, [], [], [], set()
     for task in tasks:
       bar.set_postfix(method=method, task=task)
@@ -219,8 +214,7 @@ def evaluate(lm, pgm_cfg, trainable, task_seeds: Sequence[TaskSeed], spec: Episo
       for ts in (t for t in task_seeds if t.task == task):
         rng = jax.random.key(zlib.crc32(f'{seed}/{method}/{task}/{ts.seed}'.encode()))
         t0 = time.perf_counter()
-        out = method_prompt(method, ts, lm=lm, pgm_cfg=pgm_cfg, trainable=trainable, spec=spec,
-                            split=split, others=others, rng=rng, hparams=hparams)
+        out = method_prompt(name, method_obj, hp, ts, ctx, rng)
         jax.block_until_ready(out.prompt)
         walls.append(time.perf_counter() - t0)
         fwd.append(out.forward_passes)

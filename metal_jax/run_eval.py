@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -10,7 +11,8 @@ from typing import Sequence
 
 import ml_collections
 
-from metal_jax import baselines, evaluation, experiment, sharding, training
+from metal_jax import evaluation, experiment, sharding, training
+from metal_jax import methods as methods_lib
 
 log = logging.getLogger('metal_jax')
 
@@ -22,21 +24,9 @@ def parse_ints(items: Sequence[str], flag: str) -> list[int]:
     raise ValueError(f'--{flag}={",".join(items)}: expected comma-separated integers') from e
 
 
-def resolve_methods(names: Sequence[str]) -> tuple[list[str], dict]:
-  known = list(evaluation.BUILTIN_METHODS) + list(baselines.METHODS)
-  if list(names) == ['all']:
-    return known, dict(baselines.NOT_IMPLEMENTED)
-  methods = [m.strip() for m in names if m.strip()]
-  missing = {m: baselines.NOT_IMPLEMENTED[m] for m in methods if m in baselines.NOT_IMPLEMENTED}
-  unknown = [m for m in methods if m not in known and m not in missing]
-  if unknown:
-    raise ValueError(f'--methods: unknown {unknown}; known: {known}')
-  return [m for m in methods if m not in missing], missing
-
-
 def main(*, workdir: str, split: Sequence[str] = (), seeds: Sequence[str] = ('100', '13', '21', '42'),
-         methods: Sequence[str] = ('all',), bbt_budget: int = 0, out: str = '',
-         progress: bool = True) -> str:
+         methods: Sequence[str] = ('all',), hparams: Sequence[str] = (), bbt_budget: int = 0,
+         out: str = '', progress: bool = True) -> str:
   """Lists are absl list flags' values (eval.py): --seeds=100,13 gives ['100', '13']."""
   cfg_json, step = training.restore_config(workdir)
   config = ml_collections.ConfigDict(cfg_json)
@@ -45,7 +35,12 @@ def main(*, workdir: str, split: Sequence[str] = (), seeds: Sequence[str] = ('10
   if len(split_t) != 2:
     raise ValueError(f'--split={",".join(split)}: expected "n_P,n_L"')
   seed_list = parse_ints(seeds, 'seeds')
-  method_list, not_implemented = resolve_methods(methods)
+  method_list, not_implemented = methods_lib.resolve(methods)
+  # BBTv2's budget: the flag, else the run config's eval.bbt_budget, else the method default;
+  # then --hparams=method.field=value on top.
+  bbt_budget = bbt_budget or int(config.get('eval', {}).get('bbt_budget', 0))
+  base = {'bbtv2': methods_lib.REGISTRY['bbtv2'].Hparams(budget=bbt_budget)} if bbt_budget else {}
+  hp = methods_lib.hparams_from(hparams, base)
 
   data_dir, setting = experiment.data_location(config, workdir)
   tokenizer = experiment.tokenizer_for(config, workdir)
@@ -63,17 +58,16 @@ def main(*, workdir: str, split: Sequence[str] = (), seeds: Sequence[str] = ('10
       config.max_example_len)
   log.info('evaluating step %d of %s on %d test tasks x %d seeds, split %s, methods %s', step,
            workdir, len(setting['test']), len(seed_list), split_t, method_list)
-  # BBTv2's budget: the flag, else the run config's eval.bbt_budget, else the method default.
-  bbt_budget = bbt_budget or int(config.get('eval', {}).get('bbt_budget', 0))
-  hparams = {'bbtv2': {'budget': bbt_budget}} if bbt_budget else {}
 
   final = out or os.path.join(workdir, 'eval')
   tmp = f'{final}.tmp-{os.getpid()}'
   shutil.rmtree(tmp, ignore_errors=True)
   t0 = time.time()
   try:
-    results = evaluation.evaluate(lm, pgm_cfg, trainable, task_seeds, spec, method_list, split_t,
-                                  tmp, hparams=hparams, seed=config.seed, progress=progress)
+    triples = [(m, methods_lib.REGISTRY[m], hp[m]) for m in method_list]
+    results = evaluation.evaluate(lm, pgm_cfg, trainable, task_seeds, spec, triples, split_t,
+                                  tmp, seed=config.seed, progress=progress)
+    results['hparams'] = {m: dataclasses.asdict(hp[m]) for m in method_list}
     results.update(checkpoint_step=step, workdir=os.path.abspath(workdir),
                    not_implemented=not_implemented, wall_s=time.time() - t0)
     md = evaluation.write_report(tmp, results)

@@ -7,6 +7,7 @@
 * MetaL(+Tune) starts exactly at the PGM's prompt;
 * BBTv2 never exceeds its forward-pass budget and, below one generation, says
   the prompt is untuned;
+* one registry of methods with frozen Hparams (the paper's defaults), overridden by name;
 * RLPrompt is listed as not implemented.
 
 Learning rates are far above the paper's so that a few steps on a random tiny
@@ -15,6 +16,8 @@ model show a decrease.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 
 import jax
@@ -23,8 +26,8 @@ import numpy as np
 import pytest
 
 from conftest import save_hf
-from metal_jax import baselines, evaluation, objective, pgm
-from metal_jax.baselines import bbtv2, common
+from metal_jax import evaluation, methods, objective, pgm
+from metal_jax.baselines import bbtv2, common, metal_tune, p_tuning, prefix_tuning, soft_prompt
 from metal_jax.data import synthetic
 from metal_jax.data.episodes import EpisodeSpec
 from metal_jax.data.tasks import load_tokenized
@@ -72,6 +75,17 @@ def models(tmp_path_factory, tokenizer):
 
 
 _prompt_loss = jax.jit(objective.mean_nll, static_argnums=0)
+
+
+MODULES = {'soft_prompt': soft_prompt, 'p_tuning': p_tuning, 'prefix_tuning': prefix_tuning,
+           'metal_tune': metal_tune, 'bbtv2': bbtv2}
+
+
+def run_baseline(name, lm, shots, *, rng, init_prompt=None, **hp):
+  """A baselines module's run() on the 16 shots, `hp` overriding its Hparams by name."""
+  mod = MODULES[name]
+  kw = {} if init_prompt is None else {'init_prompt': init_prompt}
+  return mod.run(lm.module, lm.params, shots, range(16), SPEC, mod.Hparams(**hp), rng=rng, **kw)
 
 
 def loss_of(lm, prompt, shots, spec=SPEC):
@@ -124,8 +138,7 @@ def test_train_batch_is_bare_x_then_y(data, models):
 def test_gradient_method_trains_and_counts(data, models, method, model):
   shots, queries = data
   lm = models[model]
-  res = baselines.METHODS[method](lm.module, lm.params, shots, range(16), SPEC,
-                                  rng=jax.random.key(0), epochs=10, batch_size=16, **FAST[method])
+  res = run_baseline(method, lm, shots, rng=jax.random.key(0), epochs=10, batch_size=16, **FAST[method])
   assert isinstance(res, common.TuneResult) and res.note == ''
   # 10 epochs of batch 16 over 16 examples: one step an epoch.
   assert res.forward_passes == res.backward_passes == len(res.losses) == 10
@@ -145,21 +158,21 @@ def test_gradient_method_trains_and_counts(data, models, method, model):
 def test_minibatches_count_steps_and_compile_once(data, models):
   shots, _ = data
   lm = models['gpt2']
-  run = baselines.METHODS['soft_prompt']
-  res = run(lm.module, lm.params, shots, range(16), SPEC, rng=jax.random.key(1), epochs=3,
+  run = functools.partial(run_baseline, 'soft_prompt')
+  res = run(lm, shots, rng=jax.random.key(1), epochs=3,
             batch_size=8, **FAST['soft_prompt'])
   assert res.forward_passes == res.backward_passes == len(res.losses) == 6  # 2 steps an epoch
   assert common.steps_per_epoch(12, 8) == 2 and common.steps_per_epoch(16, 16) == 1
   # Another task (seed) with the same shapes reuses the compiled step.
   n = common._train_step._cache_size()
-  res = run(lm.module, lm.params, shots, range(16), SPEC, rng=jax.random.key(2), epochs=1,
+  res = run(lm, shots, rng=jax.random.key(2), epochs=1,
             batch_size=8, **FAST['soft_prompt'])
   assert common._train_step._cache_size() == n and res.forward_passes == 2
 
 
 def test_soft_prompt_initialised_from_vocabulary(models):
   lm = models['gpt2']
-  emb = baselines.soft_prompt.init_from_vocab(jax.random.key(0), lm.module,
+  emb = soft_prompt.init_from_vocab(jax.random.key(0), lm.module,
                                                           lm.params, P)
   table = np.asarray(lm.params[lm.config.embed_param])
   for row in np.asarray(emb):
@@ -184,14 +197,14 @@ def metal_prompt(models):
 def test_metal_tune_starts_at_init_prompt_and_trains(data, models, metal_prompt):
   shots, queries = data
   lm = models['gpt2']
-  run = baselines.METHODS['metal_tune']
-  same = run(lm.module, lm.params, shots, range(16), SPEC, rng=jax.random.key(0),
+  run = functools.partial(run_baseline, 'metal_tune')
+  same = run(lm, shots, rng=jax.random.key(0),
              init_prompt=metal_prompt, epochs=0)
   assert same.forward_passes == same.backward_passes == 0 and same.losses == []
   np.testing.assert_array_equal(np.asarray(same.prompt.kv.k), np.asarray(metal_prompt.kv.k))
   np.testing.assert_array_equal(np.asarray(same.prompt.kv.v), np.asarray(metal_prompt.kv.v))
 
-  res = run(lm.module, lm.params, shots, range(16), SPEC, rng=jax.random.key(0),
+  res = run(lm, shots, rng=jax.random.key(0),
             init_prompt=metal_prompt)  # the paper's lr 0.02, 9 epochs
   assert res.forward_passes == res.backward_passes == len(res.losses) == 9
   start = loss_of(lm, metal_prompt, shots)
@@ -200,8 +213,8 @@ def test_metal_tune_starts_at_init_prompt_and_trains(data, models, metal_prompt)
   assert res.prompt.kv.k.shape == metal_prompt.kv.k.shape
   check_scores(lm, res.prompt, shots, queries)
 
-  with pytest.raises(ValueError, match='init_prompt'):
-    run(lm.module, lm.params, shots, range(16), SPEC, rng=jax.random.key(0))
+  with pytest.raises(TypeError, match='init_prompt'):  # required by the signature
+    run(lm, shots, rng=jax.random.key(0))
 
 
 # ----------------------------------------------------------------------------- BBTv2
@@ -216,8 +229,7 @@ def test_bbtv2_respects_budget_and_lowers_loss(data, models, model):
   lm = models[model]
   cfg = lm.config
   budget = 63  # 12 generations of 5 (60 passes), 6 per layer; a 13th would exceed it
-  res = baselines.METHODS['bbtv2'](lm.module, lm.params, shots, range(16), SPEC,
-                                   rng=jax.random.key(0), budget=budget, **BBT)
+  res = run_baseline('bbtv2', lm, shots, rng=jax.random.key(0), budget=budget, **BBT)
   assert res.forward_passes == 60 <= budget and res.backward_passes == 0
   assert len(res.losses) == 12 and res.note == ''
   assert all(b <= a for a, b in zip(res.losses, res.losses[1:]))  # elitist: never rises
@@ -234,8 +246,7 @@ def test_bbtv2_respects_budget_and_lowers_loss(data, models, model):
 def test_bbtv2_budget_below_one_generation(data, models):
   shots, _ = data
   lm = models['gpt2']
-  res = baselines.METHODS['bbtv2'](lm.module, lm.params, shots, range(16), SPEC,
-                                   rng=jax.random.key(0), budget=4, **BBT)
+  res = run_baseline('bbtv2', lm, shots, rng=jax.random.key(0), budget=4, **BBT)
   assert res.note == bbtv2.UNTUNED_NOTE == 'budget allows 0 CMA-ES iterations: prompt is untuned'
   assert res.forward_passes == res.backward_passes == 0 and res.losses == []
   assert not np.asarray(res.prompt.kv.k).any() and not np.asarray(res.prompt.kv.v).any()
@@ -248,8 +259,7 @@ def test_bbtv2_deterministic_and_leaves_numpy_rng(data, models):
   np.random.seed(123)
   expected = np.random.rand()
   np.random.seed(123)
-  runs = [baselines.METHODS['bbtv2'](lm.module, lm.params, shots, range(16), SPEC,
-                                     rng=jax.random.key(5), budget=20, **BBT) for _ in range(2)]
+  runs = [run_baseline('bbtv2', lm, shots, rng=jax.random.key(5), budget=20, **BBT) for _ in range(2)]
   assert np.random.rand() == expected
   assert runs[0].losses == runs[1].losses
   np.testing.assert_array_equal(np.asarray(runs[0].prompt.kv.k), np.asarray(runs[1].prompt.kv.k))
@@ -259,8 +269,7 @@ def test_bbtv2_cached_projections_equal_drawn_ones(data, models, monkeypatch):
   """Projections drawn once per task (small LMs) give the run that redraws them every generation."""
   shots, _ = data
   lm = models['gpt2']
-  run = lambda: baselines.METHODS['bbtv2'](lm.module, lm.params, shots, range(16), SPEC,
-                                           rng=jax.random.key(3), budget=30, **BBT)
+  run = lambda: run_baseline('bbtv2', lm, shots, rng=jax.random.key(3), budget=30, **BBT)
   cached = run()
   monkeypatch.setattr(bbtv2, 'CACHE_BYTES', 0)  # force drawing A_l at every generation
   drawn = run()
@@ -274,24 +283,33 @@ def test_bbtv2_cached_projections_equal_drawn_ones(data, models, monkeypatch):
 
 
 def test_registry():
-  assert set(baselines.METHODS) == {'soft_prompt', 'p_tuning', 'prefix_tuning', 'metal_tune',
-                                    'bbtv2'}
-  assert set(baselines.DEFAULTS) == set(baselines.METHODS)
-  assert 'rlprompt' in baselines.NOT_IMPLEMENTED
+  """One registry: every method, its Hparams dataclass with the paper's values as defaults."""
+  assert list(methods.REGISTRY) == ['zero_shot', 'icl', 'metal', 'metal_shuffled', 'soft_prompt',
+                                    'p_tuning', 'prefix_tuning', 'metal_tune', 'bbtv2', 'rlprompt']
+  assert 'RLPrompt' in methods.REGISTRY['rlprompt'].not_implemented
   with pytest.raises(NotImplementedError, match='RLPrompt'):
-    baselines.get('rlprompt')
-  d = baselines.DEFAULTS
-  assert (d['soft_prompt']['lr'], d['p_tuning']['lr'], d['prefix_tuning']['lr']) == (4e-5, 1.6e-4,
-                                                                                     2e-4)
+    methods.REGISTRY['rlprompt'].prompt(None, None, None, None)
+  d = methods.hparams_from([])
+  assert 'rlprompt' not in d
+  assert (d['soft_prompt'].lr, d['p_tuning'].lr, d['prefix_tuning'].lr) == (4e-5, 1.6e-4, 2e-4)
   for m in ('soft_prompt', 'p_tuning', 'prefix_tuning'):
-    assert (d[m]['epochs'], d[m]['batch_size'], d[m]['prompt_len']) == (10, 16, 20)
-  assert (d['metal_tune']['lr'], d['metal_tune']['epochs']) == (0.02, 9)
-  assert (d['bbtv2']['prompt_len'], d['bbtv2']['popsize'], d['bbtv2']['budget']) == (50, 5, 3840)
+    assert (d[m].epochs, d[m].batch_size, d[m].prompt_len) == (10, 16, 20)
+  assert (d['metal_tune'].lr, d['metal_tune'].epochs) == (0.02, 9)
+  assert (d['bbtv2'].prompt_len, d['bbtv2'].popsize, d['bbtv2'].budget) == (50, 5, 3840)
+  for m in ('zero_shot', 'icl', 'metal', 'metal_shuffled'):
+    assert dataclasses.fields(d[m]) == ()
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    d['bbtv2'].budget = 1
 
 
-def test_unknown_hparam_is_an_error(data, models):
-  shots, _ = data
-  lm = models['gpt2']
-  with pytest.raises(TypeError, match='unknown hyperparameters'):
-    baselines.METHODS['soft_prompt'](lm.module, lm.params, shots, range(16), SPEC,
-                                     rng=jax.random.key(0), learning_rate=1.0)
+def test_hparams_override_by_name_and_unknown_is_an_error():
+  d = methods.hparams_from(['soft_prompt.lr=0.5', 'bbtv2.budget=480'])
+  assert d['soft_prompt'].lr == 0.5 and d['bbtv2'].budget == 480 and d['p_tuning'].lr == 1.6e-4
+  with pytest.raises(ValueError, match="soft_prompt has no hyperparameter 'learning_rate'"):
+    methods.hparams_from(['soft_prompt.learning_rate=1.0'])
+  with pytest.raises(ValueError, match="unknown method 'nosuch'"):
+    methods.hparams_from(['nosuch.lr=1'])
+  with pytest.raises(ValueError, match='budget takes a int'):
+    methods.hparams_from(['bbtv2.budget=many'])
+  with pytest.raises(TypeError, match='learning_rate'):
+    soft_prompt.Hparams(learning_rate=1.0)

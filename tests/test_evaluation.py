@@ -34,7 +34,7 @@ import pytest
 import sklearn.metrics
 
 from conftest import save_hf
-from metal_jax import evaluation, lora, pgm, run_eval, run_train
+from metal_jax import evaluation, lora, methods, pgm, run_eval, run_train
 from metal_jax.data import episodes as episodes_mod
 from metal_jax.data import synthetic
 from metal_jax.data.episodes import EpisodeSpec
@@ -306,10 +306,10 @@ def test_metal_shuffled_reads_another_tasks_examples_same_seed(lm, tok, tmp_path
   calls, others_seen = [], []
   orig_method_prompt, orig_prompt_for = evaluation.method_prompt, evaluation.prompt_for
 
-  def method_spy(method, ts, **kw):
-    others_seen.append(kw['others'])
-    calls.append({'method': method, 'task': ts.task, 'seed': ts.seed})
-    return orig_method_prompt(method, ts, **kw)
+  def method_spy(name, method, hp, ts, ctx, rng):
+    others_seen.append(ctx.others)
+    calls.append({'method': name, 'task': ts.task, 'seed': ts.seed})
+    return orig_method_prompt(name, method, hp, ts, ctx, rng)
 
   def prompt_spy(cfg_, module, params, trainable_, demos, prompt_idx, spec):
     out = orig_prompt_for(cfg_, module, params, trainable_, demos, prompt_idx, spec)
@@ -319,8 +319,9 @@ def test_metal_shuffled_reads_another_tasks_examples_same_seed(lm, tok, tmp_path
   monkeypatch.setattr(evaluation, 'method_prompt', method_spy)
   monkeypatch.setattr(evaluation, 'prompt_for', prompt_spy)
   spec = EpisodeSpec(n_prompt_examples=16, prompt_len=P, max_len=128)
-  res = evaluation.evaluate(lm, cfg, trainable, task_seeds, spec, ['metal', 'metal_shuffled'],
-                            (16, 0), str(tmp_path / 'out'), progress=False)
+  triples = [(m, methods.REGISTRY[m], methods.NoHparams()) for m in ('metal', 'metal_shuffled')]
+  res = evaluation.evaluate(lm, cfg, trainable, task_seeds, spec, triples, (16, 0),
+                            str(tmp_path / 'out'), progress=False)
 
   others = others_seen[0]
   assert all(o is others for o in others_seen)  # one mapping for the whole evaluation
@@ -411,6 +412,13 @@ def test_bbt_budget_from_the_run_config(trained_run, tmp_path):
   with open(os.path.join(out, 'results.json')) as f:
     cost = json.load(f)['methods']['bbtv2']['cost']
   assert cost['forward_passes_per_task'] == 15
+  # --hparams overrides a method's field by name, over the run config's budget.
+  run_eval.main(workdir=workdir, seeds=['100'], methods=['bbtv2'], hparams=['bbtv2.budget=5'],
+                out=out, progress=False)
+  with open(os.path.join(out, 'results.json')) as f:
+    res = json.load(f)
+  assert res['methods']['bbtv2']['cost']['forward_passes_per_task'] == 5
+  assert res['hparams']['bbtv2']['budget'] == 5 and res['hparams']['bbtv2']['popsize'] == 5
 
 
 def read_jsonl(path):
@@ -485,15 +493,16 @@ def test_end_to_end_outputs_are_consistent(trained_run):
   assert cost['bbtv2']['forward_passes_per_task'] == 10  # budget 10 = 2 generations of 5
   assert cost['bbtv2']['backward_passes_per_task'] == 0
   assert results['not_implemented'] == {}
+  assert results['hparams']['bbtv2']['budget'] == 10 and results['hparams']['soft_prompt']['lr'] == 4e-5
 
 
 def test_rlprompt_listed_as_not_implemented():
-  methods, missing = run_eval.resolve_methods(['all'])
+  names, missing = methods.resolve(['all'])
   assert 'rlprompt' in missing and 'not implemented' in missing['rlprompt']
-  assert 'rlprompt' not in methods
-  assert set(evaluation.BUILTIN_METHODS) <= set(methods)
+  assert 'rlprompt' not in names
+  assert {'zero_shot', 'icl', 'metal', 'metal_shuffled'} <= set(names)
   with pytest.raises(ValueError, match='unknown'):
-    run_eval.resolve_methods(['metal', 'nonsense'])
+    methods.resolve(['metal', 'nonsense'])
 
 
 # ----------------------------------------------------------------------------- 5. reruns

@@ -35,11 +35,13 @@ The `cma` library seeds numpy's global RNG; run() restores the global state.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
 from typing import Sequence
 
+import cma
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,7 +53,17 @@ from metal_jax.data.tasks import TokenizedTask
 from metal_jax.models import KV
 from metal_jax.pgm import Prompt
 
-DEFAULTS = dict(prompt_len=50, popsize=5, budget=3840, intrinsic_dim=500, sigma0=1.0, alpha=1.0)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Hparams:
+  """BBTv2's: prompt length 50, CMA-ES popsize 5, 3,840 forward passes (the paper's budget)."""
+  prompt_len: int = 50
+  popsize: int = 5
+  budget: int = 3840  # LM forward passes per task
+  intrinsic_dim: int = 500
+  sigma0: float = 1.0
+  alpha: float = 1.0
 UNTUNED_NOTE = 'budget allows 0 CMA-ES iterations: prompt is untuned'
 
 
@@ -93,19 +105,14 @@ def population_loss(module, params: dict, state: jax.Array, layer, cands: jax.Ar
   return jax.lax.map(lambda kv: layer_loss(module, params, state, layer, kv, batch), cands)
 
 
-def run(module, params: dict, task: TokenizedTask, idx: Sequence[int], spec: EpisodeSpec, *, rng,
-        init_prompt: Prompt | None = None, **hparams) -> common.TuneResult:
-  import cma
-
-  hp = common.merge_hparams('bbtv2', DEFAULTS, hparams)
-  if init_prompt is not None:
-    raise ValueError('bbtv2: init_prompt is not supported (BBTv2 starts from z = 0)')
+def run(module, params: dict, task: TokenizedTask, idx: Sequence[int], spec: EpisodeSpec,
+        hp: Hparams, *, rng) -> common.TuneResult:
   cfg = module.config
-  p, pop, d = int(hp['prompt_len']), int(hp['popsize']), int(hp['intrinsic_dim'])
+  p, pop, d = int(hp.prompt_len), int(hp.popsize), int(hp.intrinsic_dim)
   n_layers = cfg.n_layers
   shape = (2, p, cfg.n_kv_heads, cfg.head_dim)
   state = jnp.zeros((n_layers,) + shape, jnp.float32)  # z = 0 everywhere: A z = 0
-  generations = int(hp['budget']) // pop
+  generations = int(hp.budget) // pop
   if generations <= 0:
     return common.TuneResult(prompt=to_prompt(state), forward_passes=0, backward_passes=0,
                              losses=[], note=UNTUNED_NOTE)
@@ -114,7 +121,7 @@ def run(module, params: dict, task: TokenizedTask, idx: Sequence[int], spec: Epi
   r_proj, r_seed = jax.random.split(key)
   seed = int(common.np_rng(r_seed).integers(1, 2**30))  # cma: seed 0 would mean "random"
   table = np.asarray(params[cfg.embed_param], np.float32)
-  std = np.float32(hp['alpha'] * float(table.std()) / (math.sqrt(d) * hp['sigma0']))
+  std = np.float32(hp.alpha * float(table.std()) / (math.sqrt(d) * hp.sigma0))
   batch = common.train_batch(task, idx, spec.with_prompt_len(p))
   if n_layers * d * math.prod(shape) * 4 <= CACHE_BYTES:  # every A_l once per task
     layer_projection = [projection(r_proj, l, std, d, shape) for l in range(n_layers)].__getitem__
@@ -125,7 +132,7 @@ def run(module, params: dict, task: TokenizedTask, idx: Sequence[int], spec: Epi
   try:
     with warnings.catch_warnings():
       warnings.simplefilter('ignore')  # cma warns about small populations / dimensions
-      strategies = [cma.CMAEvolutionStrategy(np.zeros(d), float(hp['sigma0']),
+      strategies = [cma.CMAEvolutionStrategy(np.zeros(d), float(hp.sigma0),
                                              {'popsize': pop, 'seed': seed + l, 'verbose': -9})
                     for l in range(n_layers)]
       best, losses, forward = math.inf, [], 0
@@ -145,6 +152,6 @@ def run(module, params: dict, task: TokenizedTask, idx: Sequence[int], spec: Epi
         losses.append(best)
   finally:
     np.random.set_state(np_state)
-  assert forward == generations * pop <= hp['budget']
+  assert forward == generations * pop <= hp.budget
   return common.TuneResult(prompt=to_prompt(state), forward_passes=forward, backward_passes=0,
                            losses=losses)

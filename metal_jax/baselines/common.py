@@ -59,13 +59,6 @@ def train_batch(task: TokenizedTask, idx: Sequence[int], spec: EpisodeSpec) -> d
   return {k: jnp.asarray(v) for k, v in collate_lm(halves, *lm_lengths(halves, spec)).items()}
 
 
-def merge_hparams(method: str, defaults: dict, given: dict) -> dict:
-  unknown = sorted(set(given) - set(defaults))
-  if unknown:
-    raise TypeError(f'{method}: unknown hyperparameters {unknown} (known: {sorted(defaults)})')
-  return {**defaults, **given}
-
-
 def as_key(rng) -> jax.Array:
   """A jax PRNG key from a key or an int seed."""
   if isinstance(rng, (int, np.integer)):
@@ -169,14 +162,13 @@ class EncoderPrompt:
 
 
 def tune_encoder(to_prompt: EncoderPrompt, module, params: dict, task: TokenizedTask,
-                 idx: Sequence[int], spec: EpisodeSpec, hp: dict, rng) -> TuneResult:
+                 idx: Sequence[int], spec: EpisodeSpec, hp, rng) -> TuneResult:
   """Initialises the encoder and tunes its weights on the examples idx (P-tuning, Prefix-tuning)."""
   r_init, r_shuffle = jax.random.split(as_key(rng))
   init = init_module(to_prompt.encoder, r_init)
-  batch = train_batch(task, idx, spec.with_prompt_len(hp['prompt_len']))
-  trained, losses = tune(init, to_prompt, module, params, batch, lr=hp['lr'],
-                         epochs=hp['epochs'], batch_size=hp['batch_size'], rng=r_shuffle,
-                         weight_decay=hp['weight_decay'])
+  batch = train_batch(task, idx, spec.with_prompt_len(hp.prompt_len))
+  trained, losses = tune(init, to_prompt, module, params, batch, lr=hp.lr, epochs=hp.epochs,
+                         batch_size=hp.batch_size, rng=r_shuffle, weight_decay=hp.weight_decay)
   return gradient_result(trained, to_prompt, losses)
 
 

@@ -23,7 +23,15 @@ from metal_jax.data.tasks import TokenizedTask
 from metal_jax.models import KV
 from metal_jax.pgm import Prompt
 
-DEFAULTS = dict(lr=0.02, epochs=9, batch_size=16, weight_decay=0.0)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Hparams:
+  """The paper: lr 0.02, 9 epochs of batch 16 (the baselines' budget less the PGM's pass)."""
+  lr: float = 0.02
+  epochs: int = 9
+  batch_size: int = 16
+  weight_decay: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,15 +56,12 @@ def trainable_of(prompt: Prompt) -> dict:
   raise ValueError('metal_tune: init_prompt has neither kv nor embeds')
 
 
-def run(module, params: dict, task: TokenizedTask, idx: Sequence[int], spec: EpisodeSpec, *, rng,
-        init_prompt: Prompt | None = None, **hparams) -> common.TuneResult:
-  hp = common.merge_hparams('metal_tune', DEFAULTS, hparams)
-  if init_prompt is None:
-    raise ValueError('metal_tune needs init_prompt: the prompt the PGM generated for this task')
+def run(module, params: dict, task: TokenizedTask, idx: Sequence[int], spec: EpisodeSpec,
+        hp: Hparams, *, rng, init_prompt: Prompt) -> common.TuneResult:
   init = trainable_of(init_prompt)
   to_prompt = DirectPrompt()
   batch = common.train_batch(task, idx, spec.with_prompt_len(init_prompt.length))
-  trained, losses = common.tune(init, to_prompt, module, params, batch, lr=hp['lr'],
-                                epochs=hp['epochs'], batch_size=hp['batch_size'],
-                                rng=common.as_key(rng), weight_decay=hp['weight_decay'])
+  trained, losses = common.tune(init, to_prompt, module, params, batch, lr=hp.lr,
+                                epochs=hp.epochs, batch_size=hp.batch_size,
+                                rng=common.as_key(rng), weight_decay=hp.weight_decay)
   return common.gradient_result(trained, to_prompt, losses)

@@ -10,22 +10,29 @@ AdamW lr 1.6e-4, linear decay, 10 epochs of batch 16, prompt length 20.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 from metal_jax.baselines import common
 from metal_jax.data.episodes import EpisodeSpec
 from metal_jax.data.tasks import TokenizedTask
-from metal_jax.pgm import PaddingEncoder, Prompt
-
-DEFAULTS = dict(lr=1.6e-4, epochs=10, batch_size=16, prompt_len=20, lstm_layers=2,
-                weight_decay=0.0)
+from metal_jax.pgm import PaddingEncoder
 
 
-def run(module, params: dict, task: TokenizedTask, idx: Sequence[int], spec: EpisodeSpec, *, rng,
-        init_prompt: Prompt | None = None, **hparams) -> common.TuneResult:
-  hp = common.merge_hparams('p_tuning', DEFAULTS, hparams)
-  if init_prompt is not None:
-    raise ValueError('p_tuning: init_prompt is not supported (the prompt is an encoder output)')
-  encoder = PaddingEncoder(hp['prompt_len'], module.config.d_model, hp['lstm_layers'])
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Hparams:
+  """The paper's budget: AdamW lr 1.6e-4, linear decay, 10 epochs of batch 16, prompt length 20."""
+  lr: float = 1.6e-4
+  epochs: int = 10
+  batch_size: int = 16
+  prompt_len: int = 20
+  lstm_layers: int = 2
+  weight_decay: float = 0.0
+
+
+def run(module, params: dict, task: TokenizedTask, idx: Sequence[int], spec: EpisodeSpec,
+        hp: Hparams, *, rng) -> common.TuneResult:
+  encoder = PaddingEncoder(hp.prompt_len, module.config.d_model, hp.lstm_layers)
   return common.tune_encoder(common.EncoderPrompt(encoder, 'embeds'), module, params, task, idx,
                              spec, hp, rng)

@@ -12,6 +12,7 @@ batch 16, prompt length 20.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import flax.linen as nn
@@ -19,9 +20,18 @@ import flax.linen as nn
 from metal_jax.baselines import common
 from metal_jax.data.episodes import EpisodeSpec
 from metal_jax.data.tasks import TokenizedTask
-from metal_jax.pgm import Prompt
 
-DEFAULTS = dict(lr=2e-4, epochs=10, batch_size=16, prompt_len=20, hidden=512, weight_decay=0.0)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Hparams:
+  """The paper's budget: AdamW lr 2e-4, linear decay, 10 epochs of batch 16, prompt length 20."""
+  lr: float = 2e-4
+  epochs: int = 10
+  batch_size: int = 16
+  prompt_len: int = 20
+  hidden: int = 512  # the reparameterising MLP's width
+  weight_decay: float = 0.0
 
 
 class PrefixEncoder(nn.Module):
@@ -42,14 +52,10 @@ class PrefixEncoder(nn.Module):
     return x.reshape(p, l, 2, k, h).transpose(1, 2, 0, 3, 4)  # [L, 2, P, K, H]
 
 
-def run(module, params: dict, task: TokenizedTask, idx: Sequence[int], spec: EpisodeSpec, *, rng,
-        init_prompt: Prompt | None = None, **hparams) -> common.TuneResult:
-  hp = common.merge_hparams('prefix_tuning', DEFAULTS, hparams)
-  if init_prompt is not None:
-    raise ValueError('prefix_tuning: init_prompt is not supported (use metal_tune to tune a '
-                     'given prefix directly)')
+def run(module, params: dict, task: TokenizedTask, idx: Sequence[int], spec: EpisodeSpec,
+        hp: Hparams, *, rng) -> common.TuneResult:
   cfg = module.config
-  encoder = PrefixEncoder(hp['prompt_len'], cfg.d_model, hp['hidden'], cfg.n_layers,
-                          cfg.n_kv_heads, cfg.head_dim)
+  encoder = PrefixEncoder(hp.prompt_len, cfg.d_model, hp.hidden, cfg.n_layers, cfg.n_kv_heads,
+                          cfg.head_dim)
   return common.tune_encoder(common.EncoderPrompt(encoder, 'kv'), module, params, task, idx,
                              spec, hp, rng)

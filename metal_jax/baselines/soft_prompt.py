@@ -2,8 +2,8 @@
 
 The prompt is [P, D] input embeddings (Prompt(embeds=[1, P, D])), initialised
 from P randomly sampled rows of the LM's word-embedding table (Lester et al.'s
-"sampled vocabulary" initialisation, here uniform over the whole vocabulary)
-or from `init_prompt` when it is an embeddings prompt, then tuned with
+"sampled vocabulary" initialisation, here uniform over the whole vocabulary),
+then tuned with
 common.tune. The paper's budget: AdamW lr 4e-5, linear decay, 10 epochs of
 batch 16 over the 16 examples, prompt length 20.
 """
@@ -22,7 +22,16 @@ from metal_jax.data.episodes import EpisodeSpec
 from metal_jax.data.tasks import TokenizedTask
 from metal_jax.pgm import Prompt
 
-DEFAULTS = dict(lr=4e-5, epochs=10, batch_size=16, prompt_len=20, weight_decay=0.0)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Hparams:
+  """The paper's budget: AdamW lr 4e-5, linear decay, 10 epochs of batch 16, prompt length 20."""
+  lr: float = 4e-5
+  epochs: int = 10
+  batch_size: int = 16
+  prompt_len: int = 20
+  weight_decay: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,19 +50,13 @@ def init_from_vocab(rng, module, params: dict, prompt_len: int) -> jax.Array:
   return jnp.asarray(np.asarray(table)[rows], jnp.float32)
 
 
-def run(module, params: dict, task: TokenizedTask, idx: Sequence[int], spec: EpisodeSpec, *, rng,
-        init_prompt: Prompt | None = None, **hparams) -> common.TuneResult:
-  hp = common.merge_hparams('soft_prompt', DEFAULTS, hparams)
+def run(module, params: dict, task: TokenizedTask, idx: Sequence[int], spec: EpisodeSpec,
+        hp: Hparams, *, rng) -> common.TuneResult:
   r_init, r_shuffle = jax.random.split(common.as_key(rng))
-  if init_prompt is not None:
-    if init_prompt.embeds is None:
-      raise ValueError('soft_prompt: init_prompt must be an embeddings prompt (Prompt.embeds)')
-    embeds = jnp.asarray(init_prompt.embeds[0], jnp.float32)
-  else:
-    embeds = init_from_vocab(r_init, module, params, hp['prompt_len'])
+  embeds = init_from_vocab(r_init, module, params, hp.prompt_len)
   batch = common.train_batch(task, idx, spec.with_prompt_len(embeds.shape[0]))
   to_prompt = EmbedsPrompt()
   trained, losses = common.tune({'embeds': embeds}, to_prompt, module, params, batch,
-                                lr=hp['lr'], epochs=hp['epochs'], batch_size=hp['batch_size'],
-                                rng=r_shuffle, weight_decay=hp['weight_decay'])
+                                lr=hp.lr, epochs=hp.epochs, batch_size=hp.batch_size,
+                                rng=r_shuffle, weight_decay=hp.weight_decay)
   return common.gradient_result(trained, to_prompt, losses)

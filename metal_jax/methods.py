@@ -1,0 +1,155 @@
+"""Every evaluation method behind one interface, and the one registry that names them.
+
+A method turns one test task under one seed into what the frozen LM gets for
+scoring: a prompt (or none) and the demonstrations X^L, with its cost in LM
+passes (`evaluation.MethodOutput`). Its hyperparameters are a frozen dataclass,
+`Hparams`, with the paper's values as defaults; eval.py's `--hparams=method.field=value`
+overrides fields by name (`hparams_from`). A method listed but not implemented
+(`not_implemented` says why) is reported as such in the results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Sequence
+
+from metal_jax import evaluation
+from metal_jax.baselines import bbtv2, metal_tune, p_tuning, prefix_tuning, soft_prompt
+from metal_jax.evaluation import Context, MethodOutput, TaskSeed
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NoHparams:
+  """A method without hyperparameters."""
+
+
+class Method:
+  """The interface: `prompt(ctx, ts, hp, rng) -> MethodOutput` for one task and seed."""
+  Hparams: ClassVar[type] = NoHparams
+  not_implemented: ClassVar[str] = ''  # non-empty: listed, not implemented, and why
+
+  def prompt(self, ctx: Context, ts: TaskSeed, hp, rng) -> MethodOutput:
+    raise NotImplementedError(self.not_implemented)
+
+
+def few_shot_idx(ts: TaskSeed) -> list[int]:
+  """The (up to) 16 examples of the task's train split: ICL's demonstrations, the tuners' data."""
+  return list(range(min(len(ts.train), 16)))
+
+
+class ZeroShot(Method):
+  """No prompt, no demonstrations."""
+
+  def prompt(self, ctx, ts, hp, rng):
+    return MethodOutput(None, [])
+
+
+class ICL(Method):
+  """The 16 examples as demonstrations."""
+
+  def prompt(self, ctx, ts, hp, rng):
+    return MethodOutput(None, few_shot_idx(ts))
+
+
+class MetaL(Method):
+  """The PGM's prompt from X^P (the first n_P examples), X^L the next n_L."""
+  shuffled: ClassVar[bool] = False  # the control: X^P from another test task, same seed
+
+  def prompt(self, ctx, ts, hp, rng):
+    prompt_idx, demo_idx = evaluation.split_indices(*ctx.split)
+    source = ctx.others[(ts.task, ts.seed)] if self.shuffled else ts.train
+    prompt = evaluation.prompt_for(ctx.pgm_cfg, ctx.lm.module, ctx.lm.params, ctx.trainable,
+                                   source, prompt_idx, ctx.spec)
+    return MethodOutput(prompt, demo_idx, forward_passes=1)
+
+
+class MetaLShuffled(MetaL):
+  shuffled = True
+
+
+class Tuned(Method):
+  """A prompt tuned on the task's 16 examples by a baselines module's run(); X^L as MetaL's."""
+
+  def __init__(self, module):
+    self.module = module
+    self.Hparams = module.Hparams
+
+  def tune(self, ctx, ts, hp, rng):
+    return self.module.run(ctx.lm.module, ctx.lm.params, ts.train, few_shot_idx(ts), ctx.spec,
+                           hp, rng=rng)
+
+  def prompt(self, ctx, ts, hp, rng):
+    res = self.tune(ctx, ts, hp, rng)
+    return MethodOutput(res.prompt, evaluation.split_indices(*ctx.split)[1], res.forward_passes,
+                        res.backward_passes, res.note)
+
+
+class MetaLTune(Tuned):
+  """MetaL(+Tune): the PGM's prompt (one more forward pass) tuned on the 16 examples."""
+
+  def tune(self, ctx, ts, hp, rng):
+    init = MetaL().prompt(ctx, ts, None, rng)
+    res = self.module.run(ctx.lm.module, ctx.lm.params, ts.train, few_shot_idx(ts), ctx.spec,
+                          hp, rng=rng, init_prompt=init.prompt)
+    return dataclasses.replace(res, forward_passes=res.forward_passes + init.forward_passes)
+
+
+class NotImplementedMethod(Method):
+  def __init__(self, why: str):
+    self.not_implemented = why
+
+
+REGISTRY: dict[str, Method] = {
+    'zero_shot': ZeroShot(),
+    'icl': ICL(),
+    'metal': MetaL(),
+    'metal_shuffled': MetaLShuffled(),
+    'soft_prompt': Tuned(soft_prompt),
+    'p_tuning': Tuned(p_tuning),
+    'prefix_tuning': Tuned(prefix_tuning),
+    'metal_tune': MetaLTune(metal_tune),
+    'bbtv2': Tuned(bbtv2),
+    'rlprompt': NotImplementedMethod('RLPrompt (Deng et al. 2022) is not implemented yet'),
+}
+
+
+def implemented() -> list[str]:
+  return [n for n, m in REGISTRY.items() if not m.not_implemented]
+
+
+def resolve(names: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+  """(--methods' implemented methods in order, {listed but not implemented: why}); 'all' = every one."""
+  names = [n.strip() for n in names if n.strip()]
+  if names == ['all']:
+    names = list(REGISTRY)
+  unknown = [n for n in names if n not in REGISTRY]
+  if unknown:
+    raise ValueError(f'--methods: unknown {unknown}; known: {list(REGISTRY)}')
+  missing = {n: REGISTRY[n].not_implemented for n in names if REGISTRY[n].not_implemented}
+  return [n for n in names if n not in missing], missing
+
+
+def hparams_from(overrides: Sequence[str], base: dict[str, Any] | None = None) -> dict[str, Any]:
+  """{method: Hparams} from "method.field=value" strings (absl list flag --hparams), over `base`
+  (method -> Hparams) and the defaults; an unknown method or field is an error naming it."""
+  out = {n: (base or {}).get(n) or m.Hparams() for n, m in REGISTRY.items()
+         if not m.not_implemented}
+  for item in overrides:
+    key, sep, value = item.partition('=')
+    method, dot, field = key.strip().partition('.')
+    if not sep or not dot:
+      raise ValueError(f'--hparams={item!r}: expected method.field=value')
+    if method not in out:
+      raise ValueError(f'--hparams={item!r}: unknown method {method!r} (known: {sorted(out)})')
+    hp = out[method]
+    names = [f.name for f in dataclasses.fields(hp)]
+    if field not in names:
+      raise ValueError(f'--hparams={item!r}: {method} has no hyperparameter {field!r} '
+                       f'(its hyperparameters: {names})')
+    kind = type(getattr(hp, field))
+    try:
+      parsed = kind(value) if kind is not bool else value.lower() in ('1', 'true', 'yes')
+    except ValueError as e:
+      raise ValueError(f'--hparams={item!r}: {field} takes a {kind.__name__}') from e
+    out[method] = dataclasses.replace(hp, **{field: parsed})
+  return out
