@@ -34,6 +34,17 @@ from metal_jax.pgm import Prompt
 
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TuningHparams:
+  """The paper's budget for the gradient-tuned prompts: AdamW with linear decay, 10 epochs of
+  batch 16 over the 16 examples, prompt length 20; each method sets its learning rate."""
+  lr: float
+  epochs: int = 10
+  batch_size: int = 16
+  prompt_len: int = 20
+  weight_decay: float = 0.0
+
+
 @dataclasses.dataclass
 class TuneResult:
   prompt: Prompt | None  # batch-1 prompt for the frozen LM (None: no prompt)

@@ -21,14 +21,9 @@ from metal_jax.pgm import PaddingEncoder
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Hparams:
-  """The paper's budget: AdamW lr 1.6e-4, linear decay, 10 epochs of batch 16, prompt length 20."""
-  lr: float = 1.6e-4
-  epochs: int = 10
-  batch_size: int = 16
-  prompt_len: int = 20
+class Hparams(common.TuningHparams):
+  lr: float = 1.6e-4  # the paper's
   lstm_layers: int = 2
-  weight_decay: float = 0.0
 
 
 def run(module, params: dict, task: TokenizedTask, idx: Sequence[int], spec: EpisodeSpec,

@@ -24,14 +24,9 @@ from metal_jax.data.tasks import TokenizedTask
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Hparams:
-  """The paper's budget: AdamW lr 2e-4, linear decay, 10 epochs of batch 16, prompt length 20."""
-  lr: float = 2e-4
-  epochs: int = 10
-  batch_size: int = 16
-  prompt_len: int = 20
+class Hparams(common.TuningHparams):
+  lr: float = 2e-4  # the paper's
   hidden: int = 512  # the reparameterising MLP's width
-  weight_decay: float = 0.0
 
 
 class PrefixEncoder(nn.Module):

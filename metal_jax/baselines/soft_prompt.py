@@ -25,13 +25,8 @@ from metal_jax.pgm import Prompt
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Hparams:
-  """The paper's budget: AdamW lr 4e-5, linear decay, 10 epochs of batch 16, prompt length 20."""
-  lr: float = 4e-5
-  epochs: int = 10
-  batch_size: int = 16
-  prompt_len: int = 20
-  weight_decay: float = 0.0
+class Hparams(common.TuningHparams):
+  lr: float = 4e-5  # the paper's
 
 
 @dataclasses.dataclass(frozen=True)
