@@ -14,6 +14,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+import configs
 from metal_jax import run_train, training
 
 config_flags.DEFINE_config_file('config', 'configs/default.py', 'experiment config')
@@ -49,9 +50,11 @@ def main(argv):
   del argv
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
   logging.getLogger('absl').setLevel(logging.WARNING)
+  config = flags.FLAGS.config
   try:
-    summary = run(flags.FLAGS.config, flags.FLAGS.workdir)
-  except training.ResumeError as e:  # a user's mistake: the message, no traceback
+    config.setting = configs.setting_path(config.setting)  # the library reads paths only
+    summary = run(config, flags.FLAGS.workdir)
+  except (configs.UnknownSetting, training.ResumeError) as e:  # a user's mistake: the message, no traceback
     sys.exit(f'train.py: {e}')
   if summary['preempted_at'] is None:  # (a preempted run has logged where it stopped)
     logging.info('done: %d steps, last %s; checkpoints in %s', summary['steps'], summary['last'],

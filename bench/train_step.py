@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+import configs  # noqa: E402
 from metal_jax import experiment, run_train, sharding  # noqa: E402
 from metal_jax.data.episodes import EpisodeSampler  # noqa: E402
 
@@ -47,6 +48,7 @@ def matmul_peak(n: int, reps: int = 10) -> float:
 def main(argv):
   del argv
   config = FLAGS.config
+  config.setting = configs.setting_path(config.setting)
   workdir = FLAGS.workdir
   run = experiment.setup(config, workdir)
   mesh, lm, pgm_cfg = run.mesh, run.lm, run.pgm_cfg

@@ -17,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
       steps=850, batch_size=32, seq_len=128, lr=3e-3, warmup_steps=50, decay_steps=1000, seed=0,
       copy_steps=700, freeze_embeddings_after_copy=True))
   c.data_dir = ''  # '' = the synthetic suite, written to WORKDIR/data
-  c.setting = ''  # a settings name (configs/settings/NAME.json) or path; unused for synthetic
+  c.setting = ''  # a shipped setting's name (configs/settings/NAME.json) or a path; unused for synthetic
   c.synthetic = ml_collections.ConfigDict(dict(
       seed=0, n_train_tasks=512, n_test_tasks=8, n_train_examples=64, n_test_examples=64))
 

@@ -1,6 +1,6 @@
 """The paper's gpt2_xl cls2cls meta-training run; `--config=configs/gpt2_xl_cls2cls.py:12,4` for the (12, 4) split."""
 
-from metal_jax.paper_configs import paper_config
+from configs.paper import paper_config
 
 
 def get_config(split=None):

@@ -1,6 +1,6 @@
 """The paper's gpt2_xl hr2lr meta-training run; `--config=configs/gpt2_xl_hr2lr.py:12,4` for the (12, 4) split."""
 
-from metal_jax.paper_configs import paper_config
+from configs.paper import paper_config
 
 
 def get_config(split=None):

@@ -22,7 +22,6 @@ SEP, NL = '\n\n\n', '\n'
 NL_ID = 2  # synthetic tokenizer: id of "\n"
 BATCH_KEYS = ('pgm_ids', 'pgm_mask', 'lm_ids', 'lm_mask', 'target_pos', 'target_ids',
               'target_mask')
-SETTING_COUNTS = {'cls2cls': (43, 20), 'hr2lr': (61, 26), 'qa2qa': (37, 22)}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -187,15 +186,6 @@ def test_file_names_follow_metaicl(tmp_path):
 # ----------------------------------------------------------------------------- 2. settings
 
 
-@pytest.mark.parametrize('name', sorted(SETTING_COUNTS))
-def test_shipped_settings(name):
-  s = load_setting(name)
-  n_train, n_test = SETTING_COUNTS[name]
-  assert (len(s['train']), len(s['test'])) == (n_train, n_test)
-  assert len(set(s['train'])) == n_train and len(set(s['test'])) == n_test
-  assert not set(s['train']) & set(s['test'])
-
-
 def test_overlapping_setting_names_tasks_and_file(tmp_path):
   p = tmp_path / 'overlap.json'
   p.write_text(json.dumps({'train': ['a', 'b', 'c', 'd'], 'test': ['d', 'e', 'b']}))
@@ -215,13 +205,10 @@ def test_setting_missing_test_key(tmp_path):
   assert str(p) in msg and ('"test"' in msg or "'test'" in msg)
 
 
-def test_unknown_setting_lists_known():
-  with pytest.raises(DataError) as e:
-    load_setting('cls2lr_nonexistent')
-  msg = str(e.value)
-  assert 'cls2lr_nonexistent' in msg
-  for name in SETTING_COUNTS:
-    assert name in msg
+def test_setting_by_name_is_refused_naming_it():
+  """The library reads setting files only; names are resolved by configs.setting_path."""
+  with pytest.raises(DataError, match=r"'cls2cls': no such file"):
+    load_setting('cls2cls')
 
 
 # ----------------------------------------------------------------------------- 3. tokenised cache

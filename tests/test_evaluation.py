@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -33,6 +32,7 @@ import numpy as np
 import pytest
 import sklearn.metrics
 
+from configs import default
 from conftest import save_hf
 from metal_jax import evaluation, lora, methods, pgm, run_eval, run_train
 from metal_jax.data import episodes as episodes_mod
@@ -366,13 +366,6 @@ def test_metal_shuffled_reads_another_tasks_examples_same_seed(lm, tok, tmp_path
 # ----------------------------------------------------------------------------- 4. end to end
 
 
-def default_config():
-  spec = importlib.util.spec_from_file_location('default_config', ROOT / 'configs' / 'default.py')
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
-
-
 E2E_METHODS = ['zero_shot', 'icl', 'metal', 'metal_shuffled', 'soft_prompt', 'bbtv2']
 E2E_SEEDS = [100, 13]
 
@@ -383,7 +376,7 @@ def trained_run(tmp_path_factory, tok):
   model_dir = tmp_path_factory.mktemp('run_model')
   save_hf('gpt2', model_dir, vocab_size=len(tok), n_positions=128)
   tok.save_pretrained(str(model_dir))
-  c = default_config()
+  c = default.get_config()
   c.model = str(model_dir)
   c.data_dir = ''
   c.synthetic.update(n_train_tasks=4, n_test_tasks=2, n_train_examples=48, n_test_examples=8)

@@ -176,8 +176,7 @@ def rel(a: float, b: float) -> float:
 @pytest.fixture(scope='module')
 def tiny_config(tmp_path_factory) -> dict:
   """tests/test_training.py's tiny run config (a saved random GPT-2, 4 synthetic tasks), as JSON."""
-  import importlib.util
-
+  
   from conftest import save_hf
   from metal_jax.data import synthetic
 
@@ -185,10 +184,8 @@ def tiny_config(tmp_path_factory) -> dict:
   model_dir = tmp_path_factory.mktemp('mh_model')
   save_hf('gpt2', model_dir, vocab_size=len(tokenizer), n_positions=128)
   tokenizer.save_pretrained(str(model_dir))
-  spec = importlib.util.spec_from_file_location('default_config', ROOT / 'configs' / 'default.py')
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
+  from configs import default
+  c = default.get_config()
   c.model = str(model_dir)
   # The suite is written once, here, so that every job reads the same files (each job would
   # otherwise regenerate it from metal_jax/data/synthetic.py as that file is when it starts).

@@ -16,7 +16,6 @@ Run with `pytest -s` to see the measured differences.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -27,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import default
 from conftest import save_hf
 from metal_jax import experiment, lora, objective, pgm, run_train, sharding, training
 from metal_jax.data import synthetic
@@ -369,13 +369,6 @@ def test_sharded_equals_single_device(models, batch8, compiled, model, accum):
 # ----------------------------------------------------------------------------- 6. resume
 
 
-def default_config():
-  spec = importlib.util.spec_from_file_location('default_config', ROOT / 'configs' / 'default.py')
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
-
-
 N = 3
 
 
@@ -384,7 +377,7 @@ def tiny_run_config(tmp_path_factory, tokenizer):
   model_dir = tmp_path_factory.mktemp('run_model')
   save_hf('gpt2', model_dir, vocab_size=len(tokenizer), n_positions=128)
   tokenizer.save_pretrained(str(model_dir))
-  c = default_config()
+  c = default.get_config()
   c.model = str(model_dir)
   c.data_dir = ''
   c.synthetic.update(n_train_tasks=4, n_test_tasks=2, n_train_examples=64, n_test_examples=8)
@@ -536,7 +529,7 @@ def test_prompt_save_load_round_trip(tmp_path, models, batch8, design):
 
 def test_resume_refuses_changed_config():
   """Resuming under a config that changes the schedule or data is refused, naming the fields."""
-  saved = json.loads(default_config().to_json_best_effort())
+  saved = json.loads(default.get_config().to_json_best_effort())
   ok = json.loads(json.dumps(saved))
   ok['stop_at'], ok['log_every'], ok['mesh']['fsdp'] = 7, 3, 2  # harmless for the numbers
   training.check_resume_config(saved, ok, '/ckpt')

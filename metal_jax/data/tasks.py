@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-SETTINGS_DIR = Path(__file__).resolve().parents[2] / 'configs' / 'settings'
 META_TRAIN_K, META_TRAIN_SEED = 16384, 100  # MetaICL's names for meta-training files
 REQUIRED_KEYS = ('task', 'input', 'output', 'options')
 
@@ -71,14 +70,15 @@ def validate_jsonl(path: str) -> int:
   return n
 
 
-def load_setting(name_or_path: str) -> dict[str, list[str]]:
-  """A setting by name (configs/settings/NAME.json) or path; refuses overlapping train/test tasks."""
-  path = Path(name_or_path)
-  if not path.suffix and not path.exists():
-    path = SETTINGS_DIR / f'{name_or_path}.json'
-  if not path.exists():
-    known = sorted(p.stem for p in SETTINGS_DIR.glob('*.json'))
-    raise DataError(f'setting {name_or_path!r}: no such file {path} (known settings: {known})')
+def load_setting(path: str) -> dict[str, list[str]]:
+  """A setting file ({"train": [...], "test": [...]}); refuses overlapping train/test tasks.
+
+  Takes a path: shipped settings' names are resolved on the config side (configs.setting_path).
+  """
+  path = Path(path)
+  if not path.is_file():
+    raise DataError(f'setting {str(path)!r}: no such file (a shipped setting\'s name such as '
+                    f'cls2cls is resolved by train.py; the library takes a path)')
   try:
     setting = json.loads(path.read_text())
   except json.JSONDecodeError as e:

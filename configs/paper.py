@@ -1,7 +1,7 @@
 """The paper's meta-training settings (MetaL-Prompt, Section 4), shared by the per-experiment configs.
 
 Each configs/{gpt2_large,gpt2_xl,llama2_7b}_{setting}.py is one call of `paper_config`,
-which starts from configs/default.py.
+which starts from configs/default.py and names the setting's JSON file by path.
 A config file takes an optional argument, the (n_P, n_L) split:
   --config=configs/gpt2_xl_cls2cls.py        # (16, 0), the paper's default
   --config=configs/gpt2_xl_cls2cls.py:12,4   # the (12, 4) variant
@@ -9,8 +9,7 @@ Set the data and the model on the command line:
   --config.data_dir=/path/to/metaicl/data --config.model=/path/to/gpt2-xl (or a hub id)
 """
 
-import importlib.util
-import os
+from configs import default, setting_path
 
 # Learning rate and epochs per setting (the paper: AdamW, linear decay, no warmup).
 SETTINGS = {
@@ -21,21 +20,10 @@ SETTINGS = {
 MODELS = {'gpt2_large': 'gpt2-large', 'gpt2_xl': 'gpt2-xl', 'llama2_7b': 'meta-llama/Llama-2-7b-hf'}
 
 
-CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
-
-
-def _default():
-  spec = importlib.util.spec_from_file_location(
-      'metal_default_config', os.path.join(CONFIGS_DIR, 'default.py'))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
-
-
 def paper_config(model: str, setting: str, split: str | None = None):
-  c = _default()
+  c = default.get_config()
   c.model = MODELS[model]
-  c.setting = setting
+  c.setting = setting_path(setting)
   c.data_dir = '/path/to/metaicl/data'  # override: --config.data_dir=...
   n_p, n_l = (int(x) for x in (split or '16,0').split(','))
   c.n_prompt_examples, c.n_lm_examples = n_p, n_l
