@@ -170,6 +170,26 @@ def test_minibatches_count_steps_and_compile_once(data, models):
   assert common._train_step._cache_size() == n and res.forward_passes == 2
 
 
+def test_adamw_decays_linearly_to_zero_like_a_reference():
+  """common.adamw (the schedule traced from the optimizer's own count) equals AdamW written out
+  in numpy with lr_t = lr * (1 - t / T), decoupled weight decay, no warmup."""
+  rng = np.random.default_rng(0)
+  lr, T, wd, b1, b2, eps = 0.1, 5, 0.01, 0.9, 0.999, 1e-8
+  w0 = rng.normal(size=(3,)).astype(np.float32)
+  grads = [rng.normal(size=(3,)).astype(np.float32) for _ in range(T)]
+  tx = common.adamw(jnp.float32(lr), jnp.float32(T), wd)
+  w, state = jnp.asarray(w0), tx.init(jnp.asarray(w0))
+  for g in grads:
+    u, state = tx.update(jnp.asarray(g), state, w)
+    w = w + u
+  ref, m, v = w0.astype(np.float64), 0.0, 0.0
+  for t, g in enumerate(grads):
+    m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+    mh, vh = m / (1 - b1 ** (t + 1)), v / (1 - b2 ** (t + 1))
+    ref = ref - lr * (1 - t / T) * (mh / (np.sqrt(vh) + eps) + wd * ref)
+  np.testing.assert_allclose(np.asarray(w), ref, rtol=1e-5, atol=1e-5)  # steps move w by ~0.1
+
+
 def test_soft_prompt_initialised_from_vocabulary(models):
   lm = models['gpt2']
   emb = soft_prompt.init_from_vocab(jax.random.key(0), lm.module,

@@ -96,21 +96,27 @@ def init_module(module, rng: jax.Array):
 # ----------------------------------------------------------------------------- gradient tuning
 
 
-def _adam(weight_decay: float) -> optax.GradientTransformation:
-  """optax.adamw without its learning rate (the step scales by a host-computed lr)."""
-  return optax.chain(optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
-                     optax.add_decayed_weights(weight_decay))
+def adamw(lr, total_steps, weight_decay: float) -> optax.GradientTransformation:
+  """The baselines' optimizer: AdamW (b1 0.9, b2 0.999, eps 1e-8) with the learning rate decaying
+  linearly from lr to 0 over total_steps, no warmup, from the optimizer's own step count.
+
+  lr and total_steps may be traced (optax.linear_schedule needs them static), so one compiled
+  step serves every learning rate and budget.
+  """
+  return optax.adamw(lambda count: lr * (1.0 - count / total_steps), b1=0.9, b2=0.999, eps=1e-8,
+                     weight_decay=weight_decay)
 
 
 @functools.partial(jax.jit, static_argnames=('module', 'to_prompt', 'weight_decay'))
-def _train_step(module, to_prompt, weight_decay, params, trainable, opt_state, batch, lr):
+def _train_step(module, to_prompt, weight_decay, params, trainable, opt_state, batch, lr,
+                total_steps):
   def loss_fn(tr):
     return objective.mean_nll(module, params, to_prompt(tr), batch)
 
   loss, grads = jax.value_and_grad(loss_fn)(trainable)
-  updates, opt_state = _adam(weight_decay).update(grads, opt_state, trainable)
-  trainable = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), trainable, updates)
-  return trainable, opt_state, loss
+  tx = adamw(lr, total_steps, weight_decay)
+  updates, opt_state = tx.update(grads, opt_state, trainable)
+  return optax.apply_updates(trainable, updates), opt_state, loss
 
 
 def tune(init_params: Any, to_prompt: Callable[[Any], Prompt], module, params: dict, batch: dict,
@@ -135,18 +141,18 @@ def tune(init_params: Any, to_prompt: Callable[[Any], Prompt], module, params: d
   trainable = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), init_params)
   if total == 0:
     return trainable, []
-  opt_state = _adam(weight_decay).init(trainable)
-  losses, step = [], 0
+  weight_decay = float(weight_decay)
+  opt_state = adamw(lr, total, weight_decay).init(trainable)
+  lr_t, total_t = jnp.float32(lr), jnp.float32(total)
+  losses = []
   for _ in range(int(epochs)):
     order = shuffle.permutation(n)
     for s in range(per_epoch):
       rows = order[s * batch_size:(s + 1) * batch_size]
       mb = {k: v[rows] for k, v in host.items()}
-      lr_t = jnp.float32(lr * (1.0 - step / total))  # linear decay to 0, no warmup
-      trainable, opt_state, loss = _train_step(module, to_prompt, float(weight_decay), params,
-                                               trainable, opt_state, mb, lr_t)
+      trainable, opt_state, loss = _train_step(module, to_prompt, weight_decay, params,
+                                               trainable, opt_state, mb, lr_t, total_t)
       losses.append(float(loss))
-      step += 1
   return trainable, losses
 
 
