@@ -7,8 +7,6 @@
 * MetaL(+Tune) starts exactly at the PGM's prompt;
 * BBTv2 never exceeds its forward-pass budget and, below one generation, says
   the prompt is untuned;
-* one registry of methods with frozen Hparams (the paper's defaults), overridden by name;
-* RLPrompt is listed as not implemented.
 
 Learning rates are far above the paper's so that a few steps on a random tiny
 model show a decrease.
@@ -297,39 +295,3 @@ def test_bbtv2_cached_projections_equal_drawn_ones(data, models, monkeypatch):
   for a, b in ((cached.prompt.kv.k, drawn.prompt.kv.k), (cached.prompt.kv.v, drawn.prompt.kv.v)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
   assert len(cached.losses) == 6 and cached.losses[-1] < cached.losses[0]
-
-
-# ----------------------------------------------------------------------------- registry
-
-
-def test_registry():
-  """One registry: every method, its Hparams dataclass with the paper's values as defaults."""
-  assert list(methods.REGISTRY) == ['zero_shot', 'icl', 'metal', 'metal_shuffled', 'soft_prompt',
-                                    'p_tuning', 'prefix_tuning', 'metal_tune', 'bbtv2', 'rlprompt']
-  assert 'RLPrompt' in methods.REGISTRY['rlprompt'].not_implemented
-  with pytest.raises(NotImplementedError, match='RLPrompt'):
-    methods.REGISTRY['rlprompt'].prompt(None, None, None, None)
-  d = methods.hparams_from([])
-  assert 'rlprompt' not in d
-  assert (d['soft_prompt'].lr, d['p_tuning'].lr, d['prefix_tuning'].lr) == (4e-5, 1.6e-4, 2e-4)
-  for m in ('soft_prompt', 'p_tuning', 'prefix_tuning'):
-    assert (d[m].epochs, d[m].batch_size, d[m].prompt_len) == (10, 16, 20)
-  assert (d['metal_tune'].lr, d['metal_tune'].epochs) == (0.02, 9)
-  assert (d['bbtv2'].prompt_len, d['bbtv2'].popsize, d['bbtv2'].budget) == (50, 5, 3840)
-  for m in ('zero_shot', 'icl', 'metal', 'metal_shuffled'):
-    assert dataclasses.fields(d[m]) == ()
-  with pytest.raises(dataclasses.FrozenInstanceError):
-    d['bbtv2'].budget = 1
-
-
-def test_hparams_override_by_name_and_unknown_is_an_error():
-  d = methods.hparams_from(['soft_prompt.lr=0.5', 'bbtv2.budget=480'])
-  assert d['soft_prompt'].lr == 0.5 and d['bbtv2'].budget == 480 and d['p_tuning'].lr == 1.6e-4
-  with pytest.raises(ValueError, match="soft_prompt has no hyperparameter 'learning_rate'"):
-    methods.hparams_from(['soft_prompt.learning_rate=1.0'])
-  with pytest.raises(ValueError, match="unknown method 'nosuch'"):
-    methods.hparams_from(['nosuch.lr=1'])
-  with pytest.raises(ValueError, match='budget takes a int'):
-    methods.hparams_from(['bbtv2.budget=many'])
-  with pytest.raises(TypeError, match='learning_rate'):
-    soft_prompt.Hparams(learning_rate=1.0)

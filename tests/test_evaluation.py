@@ -489,15 +489,6 @@ def test_end_to_end_outputs_are_consistent(trained_run):
   assert results['hparams']['bbtv2']['budget'] == 10 and results['hparams']['soft_prompt']['lr'] == 4e-5
 
 
-def test_rlprompt_listed_as_not_implemented():
-  names, missing = methods.resolve(['all'])
-  assert 'rlprompt' in missing and 'not implemented' in missing['rlprompt']
-  assert 'rlprompt' not in names
-  assert {'zero_shot', 'icl', 'metal', 'metal_shuffled'} <= set(names)
-  with pytest.raises(ValueError, match='unknown'):
-    methods.resolve(['metal', 'nonsense'])
-
-
 # ----------------------------------------------------------------------------- 5. reruns
 
 

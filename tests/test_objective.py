@@ -3,7 +3,6 @@
 * a batch of B different prompts scored in one call gives, row by row, what scoring each row
   alone under its own prompt gives (prefix keys/values and input embeddings; GPT-2 and Llama);
 * one batch-1 prompt is broadcast to the rows: equal to the same prompt tiled by hand;
-* Prompt.rows gathers rows (a table of stored prompts -> a batch), on the right axis per field.
 """
 
 from __future__ import annotations
@@ -87,16 +86,3 @@ def test_one_prompt_broadcasts_to_the_rows(lm):
   np.testing.assert_allclose(np.asarray(a[0]), np.asarray(b[0]), rtol=TOL)
   with pytest.raises(ValueError, match='batch 2 cannot serve 3 rows'):
     objective.score(lm.module, lm.params, prompts('prefix', lm.config, 2), half)
-
-
-def test_rows_gathers_on_each_fields_batch_axis():
-  kv = KV(jnp.arange(2 * 3 * 1 * 1 * 1.0).reshape(2, 3, 1, 1, 1),
-          -jnp.arange(2 * 3 * 1 * 1 * 1.0).reshape(2, 3, 1, 1, 1))
-  p = pgm.Prompt(kv=kv).rows(np.array([2, 0, 2, 1]))
-  assert p.batch_size == 4 and p.kv.k.shape == (2, 4, 1, 1, 1)
-  assert p.kv.k[0, :, 0, 0, 0].tolist() == [2.0, 0.0, 2.0, 1.0]
-  e = pgm.Prompt(embeds=jnp.arange(3.0)[:, None, None] * jnp.ones((3, 2, 5)),
-                 tokens=jnp.arange(3)[:, None] * jnp.ones((3, 2), jnp.int32))
-  g = e.rows(np.array([1, 1]))
-  assert g.embeds.shape == (2, 2, 5) and g.tokens.tolist() == [[1, 1], [1, 1]]
-  assert g.length == 2
