@@ -42,7 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.dtype = 'float32'  # compute dtype: float32 | bfloat16
   c.param_dtype = ''  # frozen params' storage dtype; '' = dtype
   c.scan_layers = False
-  c.remat = False
+  c.remat = 'none'  # rematerialise blocks backward: none | full | dots | dots_no_batch (layers.REMAT_POLICIES)
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the rest
   c.distributed = False  # jax.distributed.initialize() (multi-host TPU pods / GPU nodes)
   c.coordinator_address = ''  # '' = auto-detect; else 'host:port' with num_processes, process_id

@@ -46,6 +46,6 @@ def paper_config(model: str, setting: str, split: str | None = None):
   c.dtype = 'bfloat16'
   c.param_dtype = 'bfloat16'
   c.scan_layers = True
-  c.remat = True
+  c.remat = 'full'
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
   return c

@@ -22,6 +22,7 @@ from metal_jax.data.tasks import DataError, load_setting, load_tokenized, meta_t
 from metal_jax.models import GPT2Config
 from metal_jax.models.hf import LoadedLM, load_lm, load_tokenizer, read_hf_config, resolve
 from metal_jax.models import config_from_hf, module_for
+from metal_jax.models.layers import REMAT_POLICIES
 from metal_jax.pretrain import PretrainConfig, pretrain
 from metal_jax.training import OptimConfig
 
@@ -41,6 +42,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
        'optim.accum_steps', f'must divide batch_size={config.batch_size}')
   need(config.pgm.design in pgm.DESIGNS, 'pgm.design', f'choose one of {pgm.DESIGNS}')
   need(config.dtype in ('float32', 'bfloat16'), 'dtype', 'float32 or bfloat16')
+  need(isinstance(config.remat, bool) or config.remat in REMAT_POLICIES, 'remat', f'choose one of {list(REMAT_POLICIES)}')
   need(config.num_steps > 0 or config.epochs > 0, 'epochs', 'set epochs or num_steps')
 
 

@@ -16,6 +16,7 @@ from metal_jax import experiment, pgm
     ('optim.accum_steps', 3, 'must divide batch_size=16'),
     ('pgm.design', 'nosuch', 'choose one of'),
     ('dtype', 'float16', 'float32 or bfloat16'),
+    ('remat', 'some', 'choose one of'),
 ])
 def test_validate_names_the_field(field, value, message):
   c = default.get_config()

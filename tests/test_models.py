@@ -422,6 +422,28 @@ def test_scan_equals_loop(models, name):
   assert float(jnp.max(jnp.abs(ge_loop))) > 0
 
 
+@pytest.mark.parametrize('remat', ['full', 'dots', 'dots_no_batch'])
+def test_remat_policies_equal_no_remat(models, remat):
+  """A remat policy changes what the backward pass recomputes, never the numbers."""
+  base = models.ours('llama_gqa_llama3_bias_tied')
+  other = models.ours('llama_gqa_llama3_bias_tied', scan_layers=True, remat=remat)
+  ids, mask = _batch(seed=9)
+  mask_j = jnp.asarray(mask)
+
+  def loss(params, module):
+    out = module.apply({'params': params}, jnp.asarray(ids), mask_j)
+    return jnp.sum(jnp.where(mask_j[..., None] > 0, out.logits, 0.0) ** 2)
+
+  grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  (la, ga), (lb, gb) = grad(base.params, base.module), grad(other.params, other.module)
+  gscale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(ga))
+  d = max(jax.tree.leaves(jax.tree.map(lambda x, y: float(jnp.max(jnp.abs(x - y))),
+                                       _stack_loop_layers(ga, base.config.n_layers), gb)))
+  assert abs(float(la) - float(lb)) <= SELF_TOL * abs(float(la)) and d <= SELF_TOL * gscale
+  with pytest.raises(ValueError, match=r"config.remat='some': choose one of"):
+    base.config.replace(remat='some')
+
+
 # ---------------------------------------------------------------------------------------------
 # 6. Returned kv equals transformers' cache; k_raw rotated by RoPE equals k
 # ---------------------------------------------------------------------------------------------

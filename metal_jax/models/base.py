@@ -21,12 +21,15 @@ class ComputeConfig:
   dtype: str = 'float32'  # compute dtype: float32 | bfloat16 | float16
   param_dtype: str = 'float32'  # storage dtype of the frozen params
   scan_layers: bool = False  # nn.scan over layers (params stacked on a leading L axis)
-  remat: bool = False  # rematerialise each block in the backward pass
+  # Rematerialisation of each block in the backward pass: a policy name of REMAT_POLICIES, or
+  # True / False for 'full' / 'none'.
+  remat: bool | str = False
 
   def __post_init__(self):
     for f in ('dtype', 'param_dtype'):
       if getattr(self, f) not in DTYPES:
         raise ValueError(f'config.{f}={getattr(self, f)!r}: expected one of {sorted(DTYPES)}')
+    layers.remat_policy(self.remat)  # refuses an unknown policy now, naming it
 
   @property
   def jnp_dtype(self):

@@ -172,6 +172,25 @@ def with_prefix(kv_new: Array, prefix: Array | None, dtype) -> Array:
   return jnp.concatenate([jnp.asarray(prefix, dtype), kv_new], axis=1)
 
 
+# What a rematerialised block keeps from its forward pass (the rest is recomputed backward):
+# 'full' nothing; 'dots' every matmul's output; 'dots_no_batch' the matmuls without batch dimensions
+# (the weight products, not attention's scores and mixing). None: no rematerialisation.
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_no_batch': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def remat_policy(remat: bool | str):
+  """config.remat -> (rematerialise?, policy); True / False mean 'full' / 'none'."""
+  name = {True: 'full', False: 'none'}.get(remat, remat) if isinstance(remat, bool) else remat
+  if name not in REMAT_POLICIES:
+    raise ValueError(f'config.remat={remat!r}: choose one of {list(REMAT_POLICIES)}')
+  return name != 'none', REMAT_POLICIES[name]
+
+
 def run_layers(block_cls, config, x: Array, positions: Array, mask: Array,
                prefix: KV | None, return_kv: bool) -> tuple[Array, KV | None]:
   """Applies config.n_layers blocks: a Python loop, or nn.scan (+ nn.remat) if config.scan_layers.
@@ -182,8 +201,9 @@ def run_layers(block_cls, config, x: Array, positions: Array, mask: Array,
   n_layers = config.n_layers
   prefix_kv = None if prefix is None else KV(prefix.k, prefix.v)
   block = block_cls
-  if config.remat:
-    block = nn.remat(block, prevent_cse=not config.scan_layers)
+  remat, policy = remat_policy(config.remat)
+  if remat:
+    block = nn.remat(block, prevent_cse=not config.scan_layers, policy=policy)
   if config.scan_layers:
     scanned = nn.scan(
         block, variable_axes={'params': 0, 'lora': 0, LORA_SHAPES: 0}, split_rngs={'params': True},
