@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metal_jax import lora
+from metal_jax import lora, sharding
 from metal_jax.models import KV, rope
 
 DESIGNS = ('prefix', 'weighted_sum', 'hidden_state', 'discrete')
@@ -62,6 +62,11 @@ class Prompt:
   tokens: jax.Array | None = None
 
   BATCH_AXIS = {'kv': 1, 'embeds': 0, 'tokens': 0}  # KV: [L, B, P, K, H]
+  LOGICAL_AXES = {  # each field's axes for sharding.constrain
+      'kv': ('activation_layers', 'activation_batch', 'activation_length', 'activation_kv_heads',
+             'activation_head_dim'),
+      'embeds': ('activation_batch', 'activation_length', 'activation_embed'),
+      'tokens': ('activation_batch', 'activation_length')}
 
   def _map(self, fn) -> 'Prompt':
     """fn(array, batch_axis) applied to every set field."""
@@ -82,6 +87,17 @@ class Prompt:
     """The prompts of rows idx (an index array; gathered, e.g. from a table of stored prompts)."""
     idx = jnp.asarray(idx)
     return self._map(lambda x, axis: jnp.take(x, idx, axis=axis))
+
+  def constrained(self) -> 'Prompt':
+    """Each field constrained to its LOGICAL_AXES on the mesh being traced on (sharding.on_mesh):
+    rows over data x fsdp, key/value heads over tensor; unchanged outside a mesh."""
+    kv = None if self.kv is None else jax.tree.map(
+        lambda x: sharding.constrain(x, self.LOGICAL_AXES['kv']), self.kv)
+    embeds = None if self.embeds is None else sharding.constrain(
+        self.embeds, self.LOGICAL_AXES['embeds'])
+    tokens = None if self.tokens is None else sharding.constrain(
+        self.tokens, self.LOGICAL_AXES['tokens'])
+    return Prompt(kv=kv, embeds=embeds, tokens=tokens)
 
   def broadcast_to(self, n: int) -> 'Prompt':
     """This prompt for n rows: a batch-1 prompt broadcast, or a batch-n prompt as it is."""
@@ -149,7 +165,14 @@ def padding_embeddings(lm_config, cfg: PGMConfig, trainable: dict) -> jax.Array:
 
 def generate(cfg: PGMConfig, module, params: dict, trainable: dict, pgm_ids, pgm_mask, *,
              rng: jax.Array | None = None, train: bool = False) -> Prompt:
-  """One PGM forward pass over X^P (left-padded, the last P slots are the padding) -> Prompt."""
+  """One PGM forward pass over X^P (left-padded, the last P slots are the padding) -> Prompt,
+  constrained to its logical axes (Prompt.constrained) when traced on a mesh."""
+  return _generate(cfg, module, params, trainable, pgm_ids, pgm_mask, rng=rng,
+                   train=train).constrained()
+
+
+def _generate(cfg: PGMConfig, module, params: dict, trainable: dict, pgm_ids, pgm_mask, *,
+              rng: jax.Array | None, train: bool) -> Prompt:
   lm_cfg = module.config
   b, t = pgm_ids.shape
   p = cfg.prompt_len

@@ -4,18 +4,28 @@ One mesh over ('data', 'fsdp', 'tensor'). The frozen LM is sharded by logical
 axis names carried by its params (FSDP over 'embed', tensor parallelism over
 heads / MLP / vocab); the trainable pytree is replicated; batches are split over
 data x fsdp. A dimension a mesh axis does not divide stays replicated along it
-(MQA's single key/value head, an odd vocab), so one rule table serves every model.
+(MQA's single key/value head, an odd vocab), so one rule table serves every model;
+param_shardings logs each such dimension with what it costs per device.
+
+Activations are constrained by the same table (`constrain`, names 'activation_*') at block
+boundaries and on the generated prompt, inside functions traced `on_mesh`; elsewhere
+`constrain` does nothing.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import collections
+import functools
+import logging
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as PS
+
+log = logging.getLogger('metal_jax')
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH = ('data', 'fsdp')
@@ -32,6 +42,14 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ('qkv', None),
     ('norm', None),
     ('layers', None),
+    # Activations: rows over data x fsdp (FSDP shards weights, not the width of activations),
+    # key/value heads over tensor; length, width and head width whole.
+    ('activation_batch', BATCH),
+    ('activation_kv_heads', 'tensor'),
+    ('activation_length', None),
+    ('activation_embed', None),
+    ('activation_head_dim', None),
+    ('activation_layers', None),
 )
 
 
@@ -52,10 +70,10 @@ def make_mesh(shape: dict | Any, devices=None) -> Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
-def _fit(spec: PS, shape: tuple[int, ...], mesh: Mesh) -> PS:
-  """Drops mesh axes that do not divide their dimension."""
-  out = []
-  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+def _fit(spec: PS, shape: tuple[int, ...], mesh) -> tuple[PS, list[tuple[int, str]]]:
+  """Drops mesh axes that do not divide their dimension; also returns [(dim, axis)] dropped."""
+  out, dropped = [], []
+  for i, (dim, axes) in enumerate(zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)))):
     if axes is None:
       out.append(None)
       continue
@@ -65,23 +83,71 @@ def _fit(spec: PS, shape: tuple[int, ...], mesh: Mesh) -> PS:
       if dim % (size * mesh.shape[a]) == 0:
         kept.append(a)
         size *= mesh.shape[a]
+      elif mesh.shape[a] > 1:
+        dropped.append((i, a))
     out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
-  return PS(*out)
+  return PS(*out), dropped
+
+
+def _device_bytes(shape: tuple[int, ...], dtype, spec: PS, mesh: Mesh) -> int:
+  """Bytes of one device's shard of an array of `shape` laid out by `spec` on `mesh`."""
+  split = 1
+  for axes in spec:
+    for a in () if axes is None else (axes,) if isinstance(axes, str) else axes:
+      split *= mesh.shape[a]
+  return int(np.prod(shape)) * np.dtype(dtype).itemsize // split
 
 
 def logical_shardings(abstract_boxed, mesh: Mesh, rules=LOGICAL_RULES):
-  """NamedShardings for a pytree of (possibly nn.Partitioned-boxed) ShapeDtypeStructs."""
+  """NamedShardings for a pytree of (possibly nn.Partitioned-boxed) ShapeDtypeStructs.
+
+  Logs, once per (logical axis, size, mesh axis), every dimension left replicated along a mesh
+  axis that does not divide it, with how many arrays and MiB per device that leaves whole.
+  """
   specs = nn.get_partition_spec(abstract_boxed)
-  shapes = jax.tree.map(lambda x: x.shape, nn.unbox(abstract_boxed))
+  unboxed = nn.unbox(abstract_boxed)
   mesh_specs = nn.logical_to_mesh(specs, rules)
-  return jax.tree.map(lambda s, shp: NamedSharding(mesh, _fit(s, shp, mesh)), mesh_specs, shapes,
-                      is_leaf=lambda x: isinstance(x, PS))
+  names = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PS))
+  fitted, costs = [], collections.defaultdict(lambda: [0, 0])
+  for s, name, x in zip(jax.tree.leaves(mesh_specs, is_leaf=lambda x: isinstance(x, PS)), names,
+                        jax.tree.leaves(unboxed)):
+    spec, dropped = _fit(s, x.shape, mesh)
+    fitted.append(NamedSharding(mesh, spec))
+    for dim, axis in dropped:
+      cost = costs[(tuple(name)[dim], x.shape[dim], axis)]
+      cost[0] += 1
+      cost[1] += _device_bytes(x.shape, x.dtype, spec, mesh)
+  for (logical, size, axis), (n, nbytes) in sorted(costs.items(), key=lambda kv: -kv[1][1]):
+    log.warning('sharding: %s dimension of size %d is not divisible by mesh axis %s=%d, so it '
+                'stays replicated along it in %d arrays (%.1f MiB per device)', logical, size,
+                axis, mesh.shape[axis], n, nbytes / 2**20)
+  return jax.tree.unflatten(jax.tree.structure(unboxed), fitted)
 
 
 def param_shardings(module: nn.Module, mesh: Mesh, rules=LOGICAL_RULES):
   """Shardings of the module's params from the logical names they are created with."""
   boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
   return logical_shardings(boxed['params'], mesh, rules)
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...], rules=LOGICAL_RULES) -> jax.Array:
+  """x constrained to the logical axes `names` on the mesh it is traced on (see on_mesh); a
+  no-op outside one. Axes that do not divide their dimension are left out, as for params."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  table = dict(rules)
+  spec, _ = _fit(PS(*(table.get(n) if n else None for n in names)), x.shape, mesh)
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
+def on_mesh(fn: Callable, mesh: Mesh) -> Callable:
+  """fn traced with `mesh` as the abstract mesh in context, so that its `constrain` calls apply."""
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return traced
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -110,10 +110,11 @@ def make_train_step(pgm_cfg: pgm.PGMConfig, module, tx: optax.GradientTransforma
 
 
 def jit_train_step(step_fn: Callable, mesh: Mesh, param_shardings, state) -> Callable:
-  """One jax.jit with in/out shardings and the state donated."""
+  """One jax.jit with in/out shardings and the state donated, traced on the mesh (so activations
+  are constrained by the logical rules: sharding.constrain)."""
   rep = sharding.replicated(mesh)
   state_sh = jax.tree.map(lambda _: rep, state)
-  return jax.jit(step_fn,
+  return jax.jit(sharding.on_mesh(step_fn, mesh),
                  in_shardings=(state_sh, param_shardings, sharding.batch_sharding(mesh), rep),
                  out_shardings=(state_sh, rep), donate_argnums=(0,))
 

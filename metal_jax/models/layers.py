@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from metal_jax import sharding
+
 Array = jax.Array
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
@@ -191,13 +193,19 @@ def remat_policy(remat: bool | str):
   return name != 'none', REMAT_POLICIES[name]
 
 
+ACTIVATION = ('activation_batch', 'activation_length', 'activation_embed')  # x [B, T, D]
+
+
 def run_layers(block_cls, config, x: Array, positions: Array, mask: Array,
                prefix: KV | None, return_kv: bool) -> tuple[Array, KV | None]:
   """Applies config.n_layers blocks: a Python loop, or nn.scan (+ nn.remat) if config.scan_layers.
 
   Call from inside a compact method: the blocks become children of the caller,
   named `layers_{i}` (loop) or `layers` (scan, params stacked on a leading L axis).
+  The residual stream is constrained to ACTIVATION at every block boundary (scan: on the
+  loop's carry in and out, which fixes the carry's layout inside the loop).
   """
+  x = sharding.constrain(x, ACTIVATION)
   n_layers = config.n_layers
   prefix_kv = None if prefix is None else KV(prefix.k, prefix.v)
   block = block_cls
@@ -210,11 +218,12 @@ def run_layers(block_cls, config, x: Array, positions: Array, mask: Array,
         in_axes=(nn.broadcast, nn.broadcast, 0), length=n_layers,
         metadata_params={nn.PARTITION_NAME: 'layers'})
     x, kv = scanned(config, return_kv, name='layers')(x, positions, mask, prefix_kv)
-    return x, kv
+    return sharding.constrain(x, ACTIVATION), kv
   outs = []
   for i in range(n_layers):
     layer_prefix = None if prefix_kv is None else jax.tree.map(lambda a, i=i: a[i], prefix_kv)
     x, kv = block(config, return_kv, name=f'layers_{i}')(x, positions, mask, layer_prefix)
+    x = sharding.constrain(x, ACTIVATION)
     outs.append(kv)
   if not return_kv:
     return x, None
