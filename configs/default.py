@@ -32,6 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.lora = ml_collections.ConfigDict(dict(rank=16, alpha=16.0, targets='q,k,v,o'))
 
   c.batch_size = 16  # episodes per step (global)
+  c.prefetch = 2  # batches built (and put on the mesh) ahead of the step in a thread; 0 = none
   c.epochs = 0  # passes over the meta-train examples; num_steps > 0 overrides
   c.num_steps = 400
   c.stop_at = 0  # > 0: stop after this step (time-boxed jobs); rerun to resume, same schedule

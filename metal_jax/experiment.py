@@ -44,6 +44,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(config.dtype in ('float32', 'bfloat16'), 'dtype', 'float32 or bfloat16')
   need(isinstance(config.remat, bool) or config.remat in REMAT_POLICIES, 'remat', f'choose one of {list(REMAT_POLICIES)}')
   need(config.num_steps > 0 or config.epochs > 0, 'epochs', 'set epochs or num_steps')
+  need(config.get('prefetch', 0) >= 0, 'prefetch', 'must be >= 0 (0: no thread)')
 
 
 def config_get(config, dotted):

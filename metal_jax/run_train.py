@@ -2,8 +2,9 @@
 
 The library pieces (optimizer, state, step, checkpoint I/O) are metal_jax/training.py;
 this module drives them: distributed start-up, the preemption watch, the metric
-writer, and the loop. `make_trainer` builds the state and jitted step for a run
-(bench/train_step.py times exactly that step).
+writer, and the loop, fed by a thread that builds its batches ahead (data/prefetch.py).
+`make_trainer` builds the state and jitted step for a run (bench/train_step.py times
+exactly that step; bench/input_pipeline.py times `batch_loader`, what feeds it).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from tqdm import tqdm
 
 from metal_jax import experiment, pgm, sharding, training
 from metal_jax.data.episodes import EpisodeSampler
+from metal_jax.data.prefetch import Prefetcher
 
 log = logging.getLogger('metal_jax')
 
@@ -113,6 +115,15 @@ class PreemptionWatch:
     self.signalled = True
 
 
+def batch_loader(sampler: EpisodeSampler, mesh) -> Callable[[int], tuple[dict, dict]]:
+  """step -> (this process's rows of the step's batch, the global batch on the mesh): what the
+  prefetch thread computes, the transfer included, so that both overlap the device's step."""
+  def load(step: int):
+    local = sampler.batch(step)
+    return local, sharding.global_batch(local, mesh)
+  return load
+
+
 def num_steps(config, sampler: EpisodeSampler) -> int:
   """The run's length: num_steps, else epochs over the meta-train episodes."""
   return config.num_steps or max(config.epochs * sampler.episodes_per_epoch // config.batch_size,
@@ -149,6 +160,7 @@ def train(config, workdir: str) -> dict:
   Returns a summary (final step, last loss, timings). Only process 0 logs and
   writes metrics; Orbax coordinates checkpoint writes across processes.
   """
+  experiment.validate(config)  # before anything is written
   if config.distributed:
     initialize_distributed(config)
   lead = jax.process_index() == 0
@@ -192,12 +204,15 @@ def train(config, workdir: str) -> dict:
   compile_s = None
   stop = min(config.stop_at, steps) if config.stop_at else steps
   preempted = None
-  with PreemptionWatch() as watch:
+  # Batches for steps first..stop-1, built (and put on the mesh) up to config.prefetch steps
+  # ahead; leaving the block stops the thread (stop_at, preemption, an exception).
+  load = batch_loader(sampler, mesh)
+  with PreemptionWatch() as watch, Prefetcher(load, first, stop, config.prefetch) as batches:
     for s in bar:
       if s >= stop:  # a time-boxed job: stop here, resume later with the same config
         break
-      local = next(sampler)
-      batch = sharding.global_batch(local, mesh)
+      local, batch = next(batches)
+      sampler.step = s + 1  # the data state saved with step s + 1 (the thread runs ahead of it)
       t0 = time.perf_counter()
       state, metrics = step_fn(state, lm.params, batch, rng)
       if compile_s is None:

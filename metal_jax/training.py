@@ -213,7 +213,7 @@ def saved_config(mngr: ocp.CheckpointManager, step: int) -> dict:
 # layout of the checkpointed pytrees. (scan_layers is not one: it stacks the LoRA pytree's layers.)
 RESUMABLE_CHANGES = ('stop_at', 'log_every', 'progress', 'save_every', 'keep_checkpoints',
                      'async_checkpoints', 'distributed', 'coordinator_address', 'num_processes',
-                     'process_id', 'mesh', 'remat', 'eval')
+                     'process_id', 'mesh', 'remat', 'eval', 'prefetch')
 
 
 def check_resume_config(saved: dict, current: dict, directory: str) -> None:

@@ -1,4 +1,5 @@
-"""Task files, settings, the tokenised cache, MetaICL's direct format, and meta-training episodes.
+"""Task files, settings, the tokenised cache, MetaICL's direct format, meta-training episodes, and
+the prefetch thread that builds them ahead of the training loop.
 
 Everything runs on the built-in synthetic tokenizer and a tiny synthetic suite (no downloads).
 Expected token sequences are rebuilt here from the raw strings with the tokenizer, independently
@@ -8,6 +9,8 @@ of the library's concatenation code.
 import json
 import os
 import re
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -15,6 +18,7 @@ import pytest
 from metal_jax.data import synthetic as S
 from metal_jax.data import episodes as E
 from metal_jax.data.episodes import EpisodeSampler, EpisodeSpec
+from metal_jax.data.prefetch import Prefetcher
 from metal_jax.data.tasks import (DataError, load_setting, load_tokenized, meta_train_file,
                                   task_file, validate_jsonl)
 
@@ -604,3 +608,95 @@ def test_sampler_refuses_small_task_and_bad_batch_split(suite, tmp_path, tok):
   EpisodeSampler([tiny], ok, batch_size=2, seed=0).batch(0)
   with pytest.raises(ValueError, match='divisible'):
     EpisodeSampler(tasks, SPEC, batch_size=5, seed=0, process_index=0, process_count=2)
+
+
+# ----------------------------------------------------------------------------- 10. prefetch
+
+
+def closed_promptly(p: Prefetcher) -> bool:
+  """Closes p from a helper thread; False if close() is still waiting a minute later (a hang)."""
+  t = threading.Thread(target=p.close, daemon=True)
+  t.start()
+  t.join(60)
+  return not t.is_alive() and (p._thread is None or not p._thread.is_alive())
+
+
+@pytest.mark.parametrize('depth', [0, 1, 2, 5])
+def test_prefetch_gives_the_samplers_batches_in_step_order(suite, depth):
+  """Batches s..s+n through the prefetcher equal the sampler's own, from step 0 and from a resumed
+  step alike; with depth > 0 they are built in the prefetch thread, with 0 in the caller's."""
+  _, _, tasks = suite
+  s = EpisodeSampler(tasks, SPEC, batch_size=3, seed=SEED)
+  threads = []
+
+  def load(step):
+    threads.append(threading.current_thread())
+    return s.batch(step)
+
+  for start in (0, 4):  # 4: a run resumed from the checkpoint at step 4
+    resumed = EpisodeSampler(tasks, SPEC, batch_size=3, seed=SEED)
+    resumed.restore({**s.state(), 'step': start})
+    want = [next(resumed) for _ in range(6)]
+    with Prefetcher(load, start, start + 6, depth) as p:
+      got = list(p)
+      assert p.step == start + 6
+    assert len(got) == len(want) == 6
+    for a, b, step in zip(got, want, range(start, start + 6)):
+      assert_batches_equal(a, b)
+      assert_batches_equal(a, s.batch(step))
+  if depth:
+    assert threads and all(t is not threading.main_thread() for t in threads)
+  else:
+    assert threads and all(t is threading.main_thread() for t in threads)
+
+
+@pytest.mark.parametrize('depth', [0, 2])
+def test_prefetch_error_surfaces_in_the_loop_with_its_message(suite, depth):
+  """An exception while building step 3's batch reaches the consumer at step 3 (the batches before
+  it first), as itself: type and message; asking again raises it again, and the thread is gone."""
+  _, _, tasks = suite
+  s = EpisodeSampler(tasks, SPEC, batch_size=2, seed=SEED)
+
+  def load(step):
+    if step == 3:
+      raise DataError(f'/data/t/t_16384_100_train.jsonl: broken while building step {step}')
+    return s.batch(step)
+
+  p = Prefetcher(load, 0, 10, depth)
+  for step in range(3):
+    assert_batches_equal(next(p), s.batch(step))
+  for _ in range(2):
+    with pytest.raises(DataError, match=r't_16384_100_train\.jsonl: broken while building step 3'):
+      next(p)
+  assert p.step == 3
+  assert closed_promptly(p)
+
+
+def test_prefetch_stops_when_the_loop_stops():
+  """Leaving the `with` block (here by an exception in the loop, as at stop_at or a preemption)
+  stops the thread, even while it is blocked on a full queue, and the rest of the range is never
+  built: at most the batches queued and the one in progress beyond those consumed."""
+  calls = []
+
+  def load(step):
+    calls.append(step)
+    return step
+
+  with pytest.raises(KeyboardInterrupt):
+    with Prefetcher(load, 5, 10**9, depth=2) as p:
+      assert [next(p), next(p)] == [5, 6]
+      for _ in range(6000):  # (a minute at most) until the queue is full and put() blocks
+        if len(calls) == 2 + 2 + 1:
+          break
+        time.sleep(0.01)
+      raise KeyboardInterrupt
+  assert p._thread is not None and not p._thread.is_alive()
+  assert calls == list(range(5, 5 + len(calls))) and len(calls) <= 2 + 2 + 1
+  with pytest.raises(RuntimeError, match='closed'):
+    next(p)
+  assert closed_promptly(p)  # closing twice is harmless
+
+
+def test_prefetch_refuses_negative_depth():
+  with pytest.raises(ValueError, match='depth must be >= 0, got -1'):
+    Prefetcher(lambda step: step, 0, 3, depth=-1)

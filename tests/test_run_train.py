@@ -1,6 +1,7 @@
 """run_train.py's pieces beside the loop: run length, parameter counts, the metric writer, the
-resume-time metric truncation and the SIGTERM watch. (The loop itself, resume, preemption and the
-refused scan_layers resume are end to end in tests/test_training.py, section 6.)"""
+resume-time metric truncation, the SIGTERM watch, what the prefetch thread computes for a step and
+the loop-only config fields. (The loop itself, resume, preemption and the refused scan_layers
+resume are end to end in tests/test_training.py, section 6.)"""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ import signal
 import types
 
 import numpy as np
+import pytest
 
 from configs import default
-from metal_jax import run_train
+from metal_jax import run_train, sharding, training
+from metal_jax.data.episodes import EpisodeSampler, EpisodeSpec
+from metal_jax.data.tasks import TokenizedTask
 
 
 def test_num_steps_prefers_num_steps_else_epochs_with_at_least_one():
@@ -61,3 +65,56 @@ def test_preemption_watch_flags_sigterm_and_restores_the_handler():
     assert seen == ['outer']
   finally:
     signal.signal(signal.SIGTERM, previous)
+
+
+def tiny_sampler(batch_size: int) -> EpisodeSampler:
+  """A sampler over two in-memory tasks of random token ids."""
+  rng = np.random.default_rng(0)
+  ids = lambda lo, hi: rng.integers(3, 90, rng.integers(lo, hi)).tolist()
+  tasks = []
+  for t in range(2):
+    n = 12
+    cols = {'input_first': [ids(2, 9) for _ in range(n)],
+            'input_rest': [ids(3, 10) for _ in range(n)],
+            'output_ids': [ids(1, 3) for _ in range(n)], 'option_ids': [[] for _ in range(n)],
+            'answer': [-1] * n, 'input': [''] * n, 'output': [''] * n, 'options': [[]] * n}
+    tasks.append(TokenizedTask(f'/data/t{t}/t{t}_16384_100_train.jsonl', cols))
+  spec = EpisodeSpec(n_prompt_examples=3, n_lm_examples=1, prompt_len=4, max_len=64)
+  return EpisodeSampler(tasks, spec, batch_size, seed=3)
+
+
+def test_batch_loader_gives_the_samplers_batch_on_the_mesh():
+  """What the prefetch thread computes for a step: the sampler's batch of that step, and the same
+  rows split over data x fsdp of the mesh (8 fake devices), without moving the sampler's state."""
+  sampler = tiny_sampler(batch_size=8)
+  mesh = sharding.make_mesh({'data': 4, 'fsdp': 2, 'tensor': 1})
+  local, batch = run_train.batch_loader(sampler, mesh)(5)
+  want = sampler.batch(5)
+  assert set(local) == set(batch) == set(want)
+  for k, v in want.items():
+    np.testing.assert_array_equal(local[k], v)
+    np.testing.assert_array_equal(np.asarray(batch[k]), v)
+    assert batch[k].sharding.is_equivalent_to(sharding.batch_sharding(mesh), v.ndim), k
+    assert len(batch[k].addressable_shards) == 8
+  assert sampler.step == 0
+  assert not np.array_equal(sampler.batch(4)['lm_ids'], want['lm_ids'])  # the step matters
+
+
+def test_prefetch_may_change_on_resume_and_checkpoints_from_before_it_resume():
+  """prefetch changes how batches reach the step, not which: a run may resume with another value,
+  or from a checkpoint whose config predates the field; other changes are still refused."""
+  saved = json.loads(default.get_config().to_json_best_effort())
+  before_field = {k: v for k, v in saved.items() if k != 'prefetch'}
+  for prefetch in (0, 2, 8):
+    training.check_resume_config(before_field, {**saved, 'prefetch': prefetch}, '/ckpt')
+    training.check_resume_config(saved, {**saved, 'prefetch': prefetch}, '/ckpt')
+  with pytest.raises(training.ResumeError, match=r'/ckpt: .*num_steps \(400 -> 1\)'):
+    training.check_resume_config(before_field, {**saved, 'num_steps': 1}, '/ckpt')
+
+
+def test_negative_prefetch_is_refused_up_front(tmp_path):
+  c = default.get_config()
+  c.prefetch = -1
+  with pytest.raises(ValueError, match=r'--config\.prefetch=-1: must be >= 0'):
+    run_train.train(c, str(tmp_path / 'w'))
+  assert not (tmp_path / 'w').exists()  # refused before anything is written

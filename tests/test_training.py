@@ -8,7 +8,8 @@
   (and the training loss, except the discrete design's, whose Gumbel samples are noise at first);
 * the step sharded over a data x fsdp x tensor mesh of 8 fake CPU devices equals one device, and
   gradient accumulation equals the full batch;
-* train() stopped at step N and resumed equals the uninterrupted run (losses, params, data state);
+* train() stopped at step N and resumed equals the uninterrupted run (losses, params, data state),
+  with batches built ahead in the prefetch thread (the default) or not, and after a preemption;
 * a prompt saved and loaded gives the same LM logits.
 
 Run with `pytest -s` to see the measured differences.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 from pathlib import Path
 
 import jax
@@ -32,6 +34,7 @@ from metal_jax import experiment, lora, objective, pgm, run_train, sharding, tra
 from metal_jax.data import synthetic
 from metal_jax.data.episodes import (EpisodeSampler, EpisodeSpec, batch_shapes, collate,
                                      make_episode)
+from metal_jax.data.prefetch import Prefetcher
 from metal_jax.data.tasks import load_tokenized, meta_train_file
 from metal_jax.models import config_from_hf
 from metal_jax.models.hf import load_lm, read_hf_config
@@ -416,16 +419,39 @@ def uninterrupted(tmp_path_factory, tiny_run_config):
   return wa
 
 
-def test_resume_equals_uninterrupted(tmp_path, tiny_run_config, uninterrupted):
+def batch_threads(monkeypatch) -> list[str]:
+  """The name of the thread that built each batch the loop was fed, in order, from now on."""
+  names, batch = [], EpisodeSampler.batch
+
+  def spy(self, step):
+    names.append(threading.current_thread().name)
+    return batch(self, step)
+
+  monkeypatch.setattr(EpisodeSampler, 'batch', spy)
+  return names
+
+
+@pytest.mark.parametrize('first_prefetch', [2, 0], ids=['prefetch', 'none-then-prefetch'])
+def test_resume_equals_uninterrupted(tmp_path, tiny_run_config, uninterrupted, monkeypatch,
+                                     first_prefetch):
+  """Stopped at N (prefetching, or not) and resumed (prefetching) equals the uninterrupted run
+  (prefetching, the default): the prefetch thread changes neither which batch a step gets nor,
+  on resume, where the batches start."""
   c = tiny_run_config
+  assert c.prefetch == 2  # the default config's: the uninterrupted run builds batches ahead
   wa, wb = uninterrupted, str(tmp_path / 'b')
   c1 = c.copy_and_resolve_references()
   c1.stop_at = N  # same num_steps (hence the same LR schedule), stopped half way
+  c1.prefetch = first_prefetch  # (a loop-only field: resuming with another value is allowed)
+  threads = batch_threads(monkeypatch)
   out1 = run_train.train(c1, wb)
+  assert threads == ['prefetch-from-step-0' if first_prefetch else 'MainThread'] * N
   assert [r['step'] for r in read_metrics(wb)] == list(range(1, N + 1))
   assert out1['last']['lr'] == pytest.approx(float(training.make_schedule(
       experiment.optim_config(c), 2 * N)(N - 1)))
+  threads.clear()
   run_train.train(c, wb)  # resumes at N
+  assert threads == [f'prefetch-from-step-{N}'] * N  # batches N..2N-1, none past the end
 
   ma, mb = read_metrics(wa), read_metrics(wb)
   assert [r['step'] for r in ma] == [r['step'] for r in mb] == list(range(1, 2 * N + 1))
@@ -475,25 +501,30 @@ def test_sigterm_saves_then_resume_completes(tmp_path, tiny_run_config, uninterr
   c = tiny_run_config.copy_and_resolve_references()
   c.save_every = 100  # no periodic checkpoint before the end: the only one is the preemption's
   wa, wb = uninterrupted, str(tmp_path / 'b')  # (save_every does not change the numbers)
+  assert c.prefetch > 0  # batches are built ahead, in the prefetch thread, as in a default run
   before = signal.getsignal(signal.SIGTERM)
-  next_batch = EpisodeSampler.__next__
+  next_batch = Prefetcher.__next__
 
   def next_then_sigterm(self):
-    if self.step == 2:  # the notice arrives while step 3 (index 2) is prepared
+    if self.step == 2:  # the notice arrives as the loop takes step 3's (index 2) batch
       os.kill(os.getpid(), signal.SIGTERM)
     return next_batch(self)
 
-  monkeypatch.setattr(EpisodeSampler, '__next__', next_then_sigterm)
+  monkeypatch.setattr(Prefetcher, '__next__', next_then_sigterm)
+  threads = batch_threads(monkeypatch)
   out = run_train.train(c, wb)
   monkeypatch.undo()
   assert out['preempted_at'] == 3
+  assert set(threads) == {'prefetch-from-step-0'} and 3 <= len(threads) <= 2 * N
   assert signal.getsignal(signal.SIGTERM) == before
   assert [r['step'] for r in read_metrics(wb)] == [1, 2, 3]
   mngr = training.checkpoint_manager(os.path.join(wb, 'checkpoints'), read_only=True)
   assert mngr.latest_step() == 3  # Orbax also keeps its first save (step 1); 3 is the notice's
   mngr.close()
 
+  threads = batch_threads(monkeypatch)
   assert run_train.train(c, wb)['preempted_at'] is None  # resumes at 3
+  assert threads == ['prefetch-from-step-3'] * (2 * N - 3)
   ma, mb = read_metrics(wa), read_metrics(wb)
   assert [r['step'] for r in mb] == list(range(1, 2 * N + 1))
   for a, b in zip(ma, mb):
