@@ -29,17 +29,29 @@ initial losses must agree to 1e-4 (relative) or the run stops.
 bfloat16: JAX computes in bf16 with float32 frozen weights (train.py's
 --config.dtype=bfloat16 --config.param_dtype=float32); torch runs the loss under
 torch.autocast('cpu', bfloat16) over its float32 weights.
+
+Threads: both sides get the same cores (--threads, default all: XLA sizes its pool by the
+cores the process may use; torch.set_num_threads to match). torch's OpenMP waits passively
+unless OMP_WAIT_POLICY is set (why: the comment at the imports). Every figure depends on what
+else runs on the cores: the load average is printed at the start and end.
 """
 
 import copy
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# torch's OpenMP threads spin-wait between parallel regions by default. When another process
+# shares the cores, that made torch's steps erratic and up to 10x slower here (2026-12-02, a
+# tiny GPT-2 forward+backward on 2 busy cores: 150-1,500 ms spinning, a steady ~100 ms passive).
+# Read when torch loads OpenMP, so set before the import; export OMP_WAIT_POLICY=ACTIVE for
+# torch's default on a machine of your own.
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -90,6 +102,8 @@ flags.DEFINE_float('lr', 2e-4, 'AdamW learning rate (constant)')
 flags.DEFINE_integer('threads', None, 'CPU cores both sides use (default: all this process may '
                      'use); pins the process to that many cores and sets torch.set_num_threads')
 flags.DEFINE_integer('seed', 0, 'seed of the weights, trainables and batch')
+flags.DEFINE_string('inductor_cache', '', "torch.compile's on-disk cache directory; '' = a fresh "
+                    'one for this run (a cold compile, as JAX without a persistent cache)')
 FLAGS = flags.FLAGS
 
 
@@ -315,7 +329,7 @@ def build_torch(lm, trainable: dict, batch: dict, dtype: str, compiled: bool) ->
 
 
 def load_torch_lm(config, params, shape: Shape) -> transformers.GPT2LMHeadModel:
-  """transformers' GPT-2 with our weights: exported by metal_jax.save_lm, read by from_pretrained."""
+  """transformers' GPT-2 with our weights: written by metal_jax.save_lm, read by from_pretrained."""
   transformers.utils.logging.disable_progress_bar()
   with tempfile.TemporaryDirectory() as tmp:
     hf.save_lm(tmp, config, params)
@@ -341,6 +355,19 @@ def rel(a: float, b: float) -> float:
 
 def main(argv):
   del argv
+  # A cold torch.compile, as JAX compiles here without a persistent cache: inductor's on-disk
+  # caches (compiled graphs, C++ kernels) go to a fresh directory unless --inductor_cache names
+  # one (a warm cache took the tiny step's torch.compile from ~50 s to ~9 s). Read at each use.
+  cache = FLAGS.inductor_cache or tempfile.mkdtemp(prefix='vs_pytorch_inductor_')
+  os.environ['TORCHINDUCTOR_CACHE_DIR'] = cache
+  try:
+    run(inductor_cache=FLAGS.inductor_cache or 'fresh')
+  finally:
+    if not FLAGS.inductor_cache:
+      shutil.rmtree(cache, ignore_errors=True)
+
+
+def run(inductor_cache: str):
   available = sorted(os.sched_getaffinity(0))
   threads = FLAGS.threads or len(available)
   if threads < len(available):  # before JAX's CPU client sizes its thread pool
@@ -350,6 +377,7 @@ def main(argv):
   dtype = FLAGS.dtype
   rounds = FLAGS.rounds or shape.rounds
   command = f'python bench/vs_pytorch.py {" ".join(sys.argv[1:])}'.rstrip()
+  load_start = os.getloadavg()  # 1, 5, 15 min: other processes on the cores skew every figure
   batch = random_batch(shape, FLAGS.seed)
 
   js = build_jax(shape, dtype, batch, FLAGS.seed)
@@ -372,7 +400,8 @@ def main(argv):
   print(f'parameters: frozen {frozen:,}; trainable {n_train["jax"]:,} (JAX), '
         f'{n_train["torch"]:,} (torch: LSTM b_hh only, b_ih frozen at 0)')
   print(f'threads: {threads} (cores {available[:threads]}); torch.get_num_threads() = '
-        f'{torch.get_num_threads()}; XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
+        f'{torch.get_num_threads()}; OMP_WAIT_POLICY={os.environ["OMP_WAIT_POLICY"]}; '
+        f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}; load average {load_start[0]:.2f}')
   print(f'optimizer: torch {type(sides["torch_eager"].opt).__name__} '
         f'fused={sides["torch_eager"].opt.defaults.get("fused")}; JAX optax.adamw')
 
@@ -389,14 +418,15 @@ def main(argv):
     gnorms[name] = [g1, g2]
     if name != 'jax':
       compile_s[name] = t1  # the first step: torch.compile's tracing and codegen, or eager's
-      dead = [n for n, p in side.model.named_parameters() if p.requires_grad and
-              (p.grad is None or not torch.isfinite(p.grad).all() or float(p.grad.abs().max()) == 0)]
+      dead = [n for n, p in side.model.named_parameters() if p.requires_grad and (
+          p.grad is None or not torch.isfinite(p.grad).all() or not p.grad.abs().max() > 0)]
       if dead:  # after step 2 (B != 0) every trainable tensor must receive a gradient
         sys.exit(f'{name}: no gradient reaches {dead}: the prefix does not backpropagate')
     print(f'warm-up {name}: first step {t1 * 1e3:,.0f} ms, second {t2 * 1e3:,.0f} ms; '
           f'loss {losses[name][0]:.6f} -> {losses[name][1]:.6f}; grad norm {g1:.4e} -> {g2:.4e}')
   print(f'compile: JAX lower+compile {compile_s["jax"]:.1f} s; torch.compile first step '
-        f'{compile_s["torch_compile"]:.1f} s (eager first step {compile_s["torch_eager"]:.2f} s)')
+        f'{compile_s["torch_compile"]:.1f} s (inductor cache: {inductor_cache}); eager first step '
+        f'{compile_s["torch_eager"]:.2f} s')
   tol = F32_TOL if dtype == 'float32' else BF16_TOL
   numerics = {'tolerance': tol, 'loss': losses, 'grad_norm': gnorms}
   for name in ('torch_eager', 'torch_compile'):
@@ -426,12 +456,15 @@ def main(argv):
              'jax_speedup_vs_torch_compile': median['torch_compile'] / median['jax']}
   print(f'step time, median of {rounds} round medians ({FLAGS.steps_per_round} steps each): ' +
         ', '.join(f'{n} {median[n]:,.1f} ms' for n in SIDES))
-  print(f'tokens/s (real): ' + ', '.join(f'{n} {tokens / median[n] * 1e3:,.0f}' for n in SIDES))
+  print('tokens/s (real): ' + ', '.join(f'{n} {tokens / median[n] * 1e3:,.0f}' for n in SIDES))
   print(f'jax speedup vs torch eager: {speedup["jax_speedup_vs_torch_eager"]:.2f}x; '
         f'vs torch.compile: {speedup["jax_speedup_vs_torch_compile"]:.2f}x (> 1: JAX faster)')
   versions = {'jax': jax.__version__, 'jaxlib': jaxlib.__version__, 'torch': torch.__version__,
               'transformers': transformers.__version__}
   print('versions: ' + ', '.join(f'{k} {v}' for k, v in versions.items()))
+  load_end = os.getloadavg()
+  print(f'load average (1 min) at start {load_start[0]:.2f}, at end {load_end[0]:.2f} '
+        f'({len(available)} cores)')
   print(json.dumps({
       'command': command, 'shape': FLAGS.shape,
       'dims': {k: v for k, v in dataclasses.asdict(shape).items() if k != 'rounds'},
@@ -442,6 +475,8 @@ def main(argv):
       'round_median_step_ms': per_round, **speedup, 'compile_s': compile_s,
       'numerics': numerics, 'versions': versions, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
       'torch_num_threads': torch.get_num_threads(), 'cores': available[:threads],
+      'omp_wait_policy': os.environ['OMP_WAIT_POLICY'], 'inductor_cache': inductor_cache,
+      'load_average_1min': {'start': load_start[0], 'end': load_end[0]},
       'devices': f'{jax.device_count()} x {jax.devices()[0].platform}'}))
 
 
