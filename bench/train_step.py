@@ -54,8 +54,9 @@ def main(argv):
   mesh, lm, pgm_cfg = run.mesh, run.lm, run.pgm_cfg
   sampler = EpisodeSampler(run.tasks, run.spec, config.batch_size, config.seed)
   # The run's own state and jitted step, for the run's own length (train() builds the same).
-  trainer = run_train.make_trainer(config, run, run_train.num_steps(config, sampler))
-  state, step = trainer.state, trainer.step_fn
+  trainer = experiment.make_trainer(config, lm.module, mesh, run.param_shardings,
+                                    run_train.num_steps(config, sampler))
+  state, step = trainer.init(jax.random.key(config.seed)), trainer.step_fn
   rng = jax.random.key(config.seed + 1)
 
   # One batch shape for every timed step, so only one compilation is measured out.

@@ -1,6 +1,6 @@
 """The paper's meta-training settings (MetaL-Prompt, Section 4), shared by the per-experiment configs.
 
-Each configs/{gpt2_large,gpt2_xl,llama2_7b}_{setting}.py is one call of `paper_config`,
+Each configs/{gpt2_large,gpt2_xl,llama2_7b,llama3_8b}_{setting}.py is one call of `paper_config`,
 which starts from configs/default.py and names the setting's JSON file by path.
 A config file takes an optional argument, the (n_P, n_L) split:
   --config=configs/gpt2_xl_cls2cls.py        # (16, 0), the paper's default
@@ -17,7 +17,8 @@ SETTINGS = {
     'hr2lr': dict(lr=1e-4, epochs=6),
     'qa2qa': dict(lr=2e-4, epochs=8),
 }
-MODELS = {'gpt2_large': 'gpt2-large', 'gpt2_xl': 'gpt2-xl', 'llama2_7b': 'meta-llama/Llama-2-7b-hf'}
+MODELS = {'gpt2_large': 'gpt2-large', 'gpt2_xl': 'gpt2-xl', 'llama2_7b': 'meta-llama/Llama-2-7b-hf',
+          'llama3_8b': 'meta-llama/Llama-3.1-8B'}  # Llama 3's shape with llama3 rope scaling
 
 
 def paper_config(model: str, setting: str, split: str | None = None):

@@ -15,7 +15,7 @@ import jax
 import ml_collections
 from jax.experimental import multihost_utils
 
-from metal_jax import lora, pgm, sharding
+from metal_jax import lora, pgm, sharding, training
 from metal_jax.data import synthetic
 from metal_jax.data.episodes import EpisodeSpec
 from metal_jax.data.tasks import DataError, load_setting, load_tokenized, meta_train_file
@@ -120,10 +120,21 @@ def tokenizer_for(config, workdir):
   return tok
 
 
+def compute_settings(config) -> dict:
+  """The LM config's compute fields (dtype, param_dtype, scan_layers, remat) from the run config."""
+  return dict(dtype=config.dtype, param_dtype=config.param_dtype or config.dtype,
+              scan_layers=config.scan_layers, remat=config.remat)
+
+
+def make_trainer(config, module, mesh, param_shardings, steps: int) -> training.Trainer:
+  """training.make_trainer with the run config's optimizer, PGM and accumulation."""
+  return training.make_trainer(optim_config(config), pgm_config(config), module, mesh,
+                               param_shardings, steps, config.optim.accum_steps)
+
+
 def load_model(config, ckpt_dir: str, mesh) -> tuple[LoadedLM, object]:
   """The frozen LM, each tensor placed on the mesh as it is read; and the param shardings."""
-  compute = dict(dtype=config.dtype, param_dtype=config.param_dtype or config.dtype,
-                 scan_layers=config.scan_layers, remat=config.remat)
+  compute = compute_settings(config)
   lm_cfg = config_from_hf(read_hf_config(ckpt_dir), **compute)
   shardings = sharding.param_shardings(module_for(lm_cfg), mesh)
   lm = load_lm(ckpt_dir, shardings=shardings, **compute)

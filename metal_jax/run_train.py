@@ -3,13 +3,12 @@
 The library pieces (optimizer, state, step, checkpoint I/O) are metal_jax/training.py;
 this module drives them: distributed start-up, the preemption watch, the metric
 writer, and the loop, fed by a thread that builds its batches ahead (data/prefetch.py).
-`make_trainer` builds the state and jitted step for a run (bench/train_step.py times
+experiment.make_trainer builds the state and jitted step for a run (bench/train_step.py times
 exactly that step; bench/input_pipeline.py times `batch_loader`, what feeds it).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -20,11 +19,10 @@ from typing import Callable
 
 import jax
 import numpy as np
-import optax
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-from metal_jax import experiment, pgm, sharding, training
+from metal_jax import experiment, sharding, training
 from metal_jax.data.episodes import EpisodeSampler
 from metal_jax.data.prefetch import Prefetcher
 
@@ -130,30 +128,6 @@ def num_steps(config, sampler: EpisodeSampler) -> int:
                                  1)
 
 
-@dataclasses.dataclass
-class Trainer:
-  """What a run's loop (or a benchmark of its step) needs: the initial state and the jitted step."""
-  state: dict  # {'step', 'trainable', 'opt_state'}, replicated on the mesh
-  step_fn: Callable  # jitted (state, params, batch, rng) -> (state, metrics), state donated
-  schedule: optax.Schedule
-  steps: int
-
-
-def make_trainer(config, run: experiment.Setup, steps: int) -> Trainer:
-  """The optimizer, the initial train state and the sharded jitted step of a `steps`-step run."""
-  optim_cfg = experiment.optim_config(config)
-  schedule = training.make_schedule(optim_cfg, steps)
-  tx = training.make_optimizer(optim_cfg, schedule)
-  init_fn = lambda rng: training.init_state(
-      pgm.init_trainable(rng, run.lm.config, run.pgm_cfg), tx)
-  state = jax.jit(init_fn, out_shardings=sharding.replicated(run.mesh))(
-      jax.random.key(config.seed))
-  step_fn = training.jit_train_step(
-      training.make_train_step(run.pgm_cfg, run.lm.module, tx, config.optim.accum_steps),
-      run.mesh, run.param_shardings, state)
-  return Trainer(state, step_fn, schedule, steps)
-
-
 def train(config, workdir: str) -> dict:
   """Meta-trains the PGM (Equation 1) as `config` says; resumes from `workdir` by itself.
 
@@ -179,8 +153,9 @@ def train(config, workdir: str) -> dict:
   sampler = EpisodeSampler(tasks, run.spec, config.batch_size, config.seed,
                            jax.process_index(), jax.process_count())
   steps = num_steps(config, sampler)
-  trainer = make_trainer(config, run, steps)
-  state, step_fn, schedule = trainer.state, trainer.step_fn, trainer.schedule
+  trainer = experiment.make_trainer(config, lm.module, mesh, run.param_shardings, steps)
+  state, step_fn, schedule = trainer.init(jax.random.key(config.seed)), trainer.step_fn, \
+      trainer.schedule
   if start is not None:
     state, data_state = training.restore_checkpoint(mngr, start, training.abstract_like(state))
     sampler.restore(data_state, where=str(mngr.directory))

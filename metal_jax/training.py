@@ -119,6 +119,30 @@ def jit_train_step(step_fn: Callable, mesh: Mesh, param_shardings, state) -> Cal
                  out_shardings=(state_sh, rep), donate_argnums=(0,))
 
 
+@dataclasses.dataclass
+class Trainer:
+  """A run's optimizer schedule, state initialiser and jitted step: what train.py's loop, the
+  step benchmark and bench/scale.py's compile-only sizing all use."""
+  init: Callable  # rng -> {'step', 'trainable', 'opt_state'}, replicated on the mesh (jitted)
+  abstract_state: Any  # the state's ShapeDtypeStructs (jax.eval_shape of init)
+  step_fn: Callable  # jitted (state, params, batch, rng) -> (state, metrics), state donated
+  schedule: optax.Schedule
+  steps: int
+
+
+def make_trainer(optim_cfg: OptimConfig, pgm_cfg: pgm.PGMConfig, module, mesh: Mesh,
+                 param_shardings, steps: int, accum_steps: int = 1) -> Trainer:
+  """The optimizer of a `steps`-step run, its state initialiser and the sharded jitted step."""
+  schedule = make_schedule(optim_cfg, steps)
+  tx = make_optimizer(optim_cfg, schedule)
+  init_fn = lambda rng: init_state(pgm.init_trainable(rng, module.config, pgm_cfg), tx)
+  abstract = jax.eval_shape(init_fn, jax.random.key(0))
+  step_fn = jit_train_step(make_train_step(pgm_cfg, module, tx, accum_steps), mesh,
+                           param_shardings, abstract)
+  return Trainer(jax.jit(init_fn, out_shardings=sharding.replicated(mesh)), abstract, step_fn,
+                 schedule, steps)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 # The Orbax items of a checkpoint: the trainable pytree (all that eval and serving restore), the
