@@ -8,7 +8,7 @@ the token-mean NLL of y; AdamW (constant lr, no weight decay, no clipping) updat
 trainable parameters only.
 
   JAX      metal_jax's own pieces: models.config_from_hf, pgm.init_trainable,
-           training.make_optimizer / init_state / make_train_step / jit_train_step on a
+           training.make_trainer (train.py's optimizer, state and jitted step) on a
            1-device mesh: the step train.py runs.
   PyTorch  transformers.GPT2LMHeadModel (sdpa attention, dropout 0) loaded with the same
            weights (exported by metal_jax.save_lm). The PGM is a second module tree over
@@ -171,12 +171,8 @@ def build_jax(shape: Shape, dtype: str, batch: dict, seed: int) -> JaxSide:
   pgm_cfg = pgm.PGMConfig(prompt_len=PROMPT_LEN, design='prefix', lstm_layers=LSTM_LAYERS,
                           lora=LORA)
   optim = training.OptimConfig(lr=FLAGS.lr, end_lr=FLAGS.lr)  # constant lr, wd 0, no clipping
-  tx = training.make_optimizer(optim, training.make_schedule(optim, 1))
-  # run_train.make_trainer's state and step (it needs a whole experiment.Setup: data on disk).
-  state = jax.jit(lambda key: training.init_state(pgm.init_trainable(key, lm_cfg, pgm_cfg), tx),
-                  out_shardings=sharding.replicated(mesh))(jax.random.key(seed + 1))
-  step_fn = training.jit_train_step(training.make_train_step(pgm_cfg, module, tx), mesh,
-                                    param_sh, state)
+  trainer = training.make_trainer(optim, pgm_cfg, module, mesh, param_sh, steps=1)  # train.py's
+  state, step_fn = trainer.init(jax.random.key(seed + 1)), trainer.step_fn
   batch = sharding.global_batch(batch, mesh)
   rng = jax.random.key(seed + 2)
   t = time.perf_counter()
