@@ -479,3 +479,37 @@ def test_kv_matches_hf_cache(models, name):
   np.testing.assert_allclose(np.asarray(out.kv.k_raw[:, :, 0]), np.asarray(out.kv.k[:, :, 0]),
                              atol=1e-6, rtol=0)
   assert float(jnp.max(jnp.abs(out.kv.k_raw[:, :, 1:] - out.kv.k[:, :, 1:]))) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. layers.contract: float32 is tensordot; bfloat16 accumulates in float32, gradients too
+# ---------------------------------------------------------------------------------------------
+
+
+def test_contract_is_tensordot_in_float32_and_accumulates_bfloat16_in_float32():
+  from metal_jax.models import layers
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 3, 4, 5)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(4, 5, 6, 7)), jnp.float32)
+  ct = jnp.asarray(rng.normal(size=(2, 3, 6, 7)), jnp.float32)
+
+  def grads(fn, x, w):
+    y, vjp = jax.vjp(fn, x, w)
+    return (y, *vjp(ct.astype(y.dtype)))
+
+  ours = grads(lambda x, w: layers.contract(x, w, 2), x, w)
+  ref = grads(lambda x, w: jnp.tensordot(x, w, axes=2), x, w)
+  for a, b in zip(ours, ref):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # bfloat16: output and gradients in bf16, each the float32 result rounded once.
+  xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  y, dx, dw = grads(lambda x, w: layers.contract(x, w, 2), xb, wb)
+  assert y.dtype == dx.dtype == dw.dtype == jnp.bfloat16
+  f32 = grads(lambda x, w: jnp.tensordot(x, w, axes=2), xb.astype(jnp.float32),
+              wb.astype(jnp.float32))
+  ct_b = ct.astype(jnp.bfloat16).astype(jnp.float32)
+  exact = (f32[0], jnp.tensordot(ct_b, wb.astype(jnp.float32), axes=((2, 3), (2, 3))),
+           jnp.tensordot(xb.astype(jnp.float32), ct_b, axes=((0, 1), (0, 1))))
+  for got, want in zip((y, dx, dw), exact):  # within one bf16 rounding (accumulation order)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), rtol=2 ** -7,
+                               atol=1e-6)
