@@ -4,7 +4,7 @@ The pinned jaxlib's XLA:CPU can route dots to YNNPACK (its default here), oneDNN
 (--xla_cpu_use_onednn, --xla_cpu_experimental_onednn_fusion_type=dot) or XNNPACK
 (--xla_cpu_use_xnnpack). XLA_FLAGS is read once, when jax starts, so every flag set runs
 in a process of its own; rounds go over the flag sets in turn (interleaved) and the figures
-are medians over rounds. Two measurements:
+are medians over rounds (--repeats). Two measurements:
 
   dots   GFLOP/s of a jitted matmul at the shapes of the GPT-2-small step (the PGM's rows x
          768 against each weight, forward and backward layouts), float32 and bfloat16, and
@@ -13,7 +13,7 @@ are medians over rounds. Two measurements:
          milliseconds, with its loss (it must not move with the flags).
 
   python bench/xla_cpu_flags.py                          # dots, then the tiny step
-  python bench/xla_cpu_flags.py --what=step --shape=gpt2-small --rounds=3 --steps=3
+  python bench/xla_cpu_flags.py --what=step --step_shape=gpt2-small --repeats=3 --steps=3
 """
 
 import json
@@ -38,9 +38,9 @@ SHAPES = [(1104, 768, 2304), (1104, 768, 3072), (1104, 3072, 768), (1104, 2304, 
 
 flags.DEFINE_enum('what', 'both', ['dots', 'step', 'both'], 'what to measure')
 flags.DEFINE_list('sets', list(FLAG_SETS), f'flag sets to compare: {list(FLAG_SETS)}')
-flags.DEFINE_enum('shape', 'tiny', ['tiny', 'gpt2-small'], 'the step shape (bench/vs_pytorch.py)')
-flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'the step\'s compute dtype')
-flags.DEFINE_integer('rounds', 3, 'interleaved rounds')
+flags.DEFINE_enum('step_shape', 'tiny', ['tiny', 'gpt2-small'], 'the step shape (bench/vs_pytorch.py)')
+flags.DEFINE_enum('step_dtype', 'float32', ['float32', 'bfloat16'], 'the step\'s compute dtype')
+flags.DEFINE_integer('repeats', 3, 'interleaved rounds')
 flags.DEFINE_integer('steps', 10, 'timed steps a process (after one untimed)')
 flags.DEFINE_string('child', '', 'internal: run one measurement in this process')
 FLAGS = flags.FLAGS
@@ -99,8 +99,9 @@ def child_step(shape: str, dtype: str, steps: int) -> dict:
 
 def run_child(kind: str, xla_flags: str) -> dict:
   env = dict(os.environ, XLA_FLAGS=xla_flags)
-  cmd = [sys.executable, os.path.abspath(__file__), f'--child={kind}', f'--shape={FLAGS.shape}',
-         f'--dtype={FLAGS.dtype}', f'--steps={FLAGS.steps}']
+  cmd = [sys.executable, os.path.abspath(__file__), f'--child={kind}',
+         f'--step_shape={FLAGS.step_shape}', f'--step_dtype={FLAGS.step_dtype}',
+         f'--steps={FLAGS.steps}']
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
   if proc.returncode != 0:
     return {'error': proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'failed'}
@@ -111,7 +112,7 @@ def main(argv):
   del argv
   if FLAGS.child:
     out = {'dots': child_dots, 'torch_dots': child_torch_dots,
-           'step': lambda: child_step(FLAGS.shape, FLAGS.dtype, FLAGS.steps)}[FLAGS.child]()
+           'step': lambda: child_step(FLAGS.step_shape, FLAGS.step_dtype, FLAGS.steps)}[FLAGS.child]()
     print(json.dumps(out))
     return
   unknown = [s for s in FLAGS.sets if s not in FLAG_SETS]
@@ -119,7 +120,7 @@ def main(argv):
     sys.exit(f'--sets: unknown {unknown}; choose from {list(FLAG_SETS)}')
   kinds = {'dots': ['dots'], 'step': ['step'], 'both': ['dots', 'step']}[FLAGS.what]
   rows: dict = {}
-  for r in range(FLAGS.rounds):
+  for r in range(FLAGS.repeats):
     for kind in kinds:
       if kind == 'dots':
         rows.setdefault(('torch', 'dots'), []).append(run_child('torch_dots', ''))
