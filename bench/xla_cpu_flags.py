@@ -38,7 +38,8 @@ SHAPES = [(1104, 768, 2304), (1104, 768, 3072), (1104, 3072, 768), (1104, 2304, 
 
 flags.DEFINE_enum('what', 'both', ['dots', 'step', 'both'], 'what to measure')
 flags.DEFINE_list('sets', list(FLAG_SETS), f'flag sets to compare: {list(FLAG_SETS)}')
-flags.DEFINE_enum('step_shape', 'tiny', ['tiny', 'gpt2-small'], 'the step shape (bench/vs_pytorch.py)')
+flags.DEFINE_enum('step_shape', 'tiny', ['tiny', 'gpt2-small'],
+                  'the step shape (bench/vs_pytorch.py)')
 flags.DEFINE_enum('step_dtype', 'float32', ['float32', 'bfloat16'], 'the step\'s compute dtype')
 flags.DEFINE_integer('repeats', 3, 'interleaved rounds')
 flags.DEFINE_integer('steps', 10, 'timed steps a process (after one untimed)')
@@ -111,8 +112,8 @@ def run_child(kind: str, xla_flags: str) -> dict:
 def main(argv):
   del argv
   if FLAGS.child:
-    out = {'dots': child_dots, 'torch_dots': child_torch_dots,
-           'step': lambda: child_step(FLAGS.step_shape, FLAGS.step_dtype, FLAGS.steps)}[FLAGS.child]()
+    step = lambda: child_step(FLAGS.step_shape, FLAGS.step_dtype, FLAGS.steps)
+    out = {'dots': child_dots, 'torch_dots': child_torch_dots, 'step': step}[FLAGS.child]()
     print(json.dumps(out))
     return
   unknown = [s for s in FLAGS.sets if s not in FLAG_SETS]

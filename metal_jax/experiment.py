@@ -42,7 +42,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
        'optim.accum_steps', f'must divide batch_size={config.batch_size}')
   need(config.pgm.design in pgm.DESIGNS, 'pgm.design', f'choose one of {pgm.DESIGNS}')
   need(config.dtype in ('float32', 'bfloat16'), 'dtype', 'float32 or bfloat16')
-  need(isinstance(config.remat, bool) or config.remat in REMAT_POLICIES, 'remat', f'choose one of {list(REMAT_POLICIES)}')
+  need(isinstance(config.remat, bool) or config.remat in REMAT_POLICIES, 'remat',
+       f'choose one of {list(REMAT_POLICIES)}')
   need(config.num_steps > 0 or config.epochs > 0, 'epochs', 'set epochs or num_steps')
   need(config.get('prefetch', 0) >= 0, 'prefetch', 'must be >= 0 (0: no thread)')
 

@@ -13,7 +13,8 @@ from metal_jax.data.tasks import load_setting
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTING_COUNTS = {'cls2cls': (43, 20), 'hr2lr': (61, 26), 'qa2qa': (37, 22)}
-PAPER_FILES = sorted(p.stem for p in (ROOT / 'configs').glob('*_*.py') if not p.stem.startswith('_'))
+PAPER_FILES = sorted(p.stem for p in (ROOT / 'configs').glob('*_*.py')
+                     if not p.stem.startswith('_'))
 
 
 @pytest.mark.parametrize('name', sorted(SETTING_COUNTS))
@@ -51,7 +52,8 @@ def test_paper_configs_load(stem, split):
   setting = next(s for s in paper.SETTINGS if stem.endswith(s))
   assert Path(c.setting) == configs.SETTINGS_DIR / f'{setting}.json'
   load_setting(c.setting)
-  assert (c.optim.lr, c.epochs) == (paper.SETTINGS[setting]['lr'], paper.SETTINGS[setting]['epochs'])
+  recipe = paper.SETTINGS[setting]
+  assert (c.optim.lr, c.epochs) == (recipe['lr'], recipe['epochs'])
   assert (c.n_prompt_examples, c.n_lm_examples) == ((12, 4) if split else (16, 0))
   assert c.model == paper.MODELS[stem[:-len(setting) - 1]]
   # Everything else is the default's fields: a paper config adds no field of its own.

@@ -67,7 +67,8 @@ def generate(cfg, lm, tr, ids, mask):
 
 def test_prefix_is_the_lms_keys_and_values_at_the_slots(pair):
   name, lm, hf = pair
-  cfg = pgm.PGMConfig(prompt_len=P, design='prefix', lora=lora.LoraConfig(rank=2, targets=('q', 'v')))
+  cfg = pgm.PGMConfig(prompt_len=P, design='prefix',
+                      lora=lora.LoraConfig(rank=2, targets=('q', 'v')))
   tr = trainable_with_padding(lm, cfg)
   ids, mask = pgm_batch()
   out, pos = hf_reference(hf, lm, cfg, tr, ids, mask)
