@@ -17,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
       steps=850, batch_size=32, seq_len=128, lr=3e-3, warmup_steps=50, decay_steps=1000, seed=0,
       copy_steps=700, freeze_embeddings_after_copy=True))
   c.data_dir = ''  # '' = the synthetic suite, written to WORKDIR/data
-  c.setting = ''  # a shipped setting's name (configs/settings/NAME.json) or a path; unused for synthetic
+  c.setting = ''  # a shipped setting's name (configs/settings/NAME.json) or a path; '' = synthetic
   c.synthetic = ml_collections.ConfigDict(dict(
       seed=0, n_train_tasks=512, n_test_tasks=8, n_train_examples=64, n_test_examples=64))
 
@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.dtype = 'float32'  # compute dtype: float32 | bfloat16
   c.param_dtype = ''  # frozen params' storage dtype; '' = dtype
   c.scan_layers = False
-  c.remat = 'none'  # rematerialise blocks backward: none | full | dots | dots_no_batch (layers.REMAT_POLICIES)
+  c.remat = 'none'  # what a block keeps for backward: none | full | dots | dots_no_batch
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the rest
   c.distributed = False  # jax.distributed.initialize() (multi-host TPU pods / GPU nodes)
   c.coordinator_address = ''  # '' = auto-detect; else 'host:port' with num_processes, process_id
