@@ -69,10 +69,10 @@ class Prompt:
       'tokens': ('activation_batch', 'activation_length')}
 
   def _map(self, fn) -> 'Prompt':
-    """fn(array, batch_axis) applied to every set field."""
-    kv = None if self.kv is None else jax.tree.map(lambda x: fn(x, 1), self.kv)
-    embeds = None if self.embeds is None else fn(self.embeds, 0)
-    tokens = None if self.tokens is None else fn(self.tokens, 0)
+    """fn(array, field name) applied to every set field."""
+    kv = None if self.kv is None else jax.tree.map(lambda x: fn(x, 'kv'), self.kv)
+    embeds = None if self.embeds is None else fn(self.embeds, 'embeds')
+    tokens = None if self.tokens is None else fn(self.tokens, 'tokens')
     return Prompt(kv=kv, embeds=embeds, tokens=tokens)
 
   @property
@@ -86,18 +86,12 @@ class Prompt:
   def rows(self, idx) -> 'Prompt':
     """The prompts of rows idx (an index array; gathered, e.g. from a table of stored prompts)."""
     idx = jnp.asarray(idx)
-    return self._map(lambda x, axis: jnp.take(x, idx, axis=axis))
+    return self._map(lambda x, field: jnp.take(x, idx, axis=self.BATCH_AXIS[field]))
 
   def constrained(self) -> 'Prompt':
     """Each field constrained to its LOGICAL_AXES on the mesh being traced on (sharding.on_mesh):
     rows over data x fsdp, key/value heads over tensor; unchanged outside a mesh."""
-    kv = None if self.kv is None else jax.tree.map(
-        lambda x: sharding.constrain(x, self.LOGICAL_AXES['kv']), self.kv)
-    embeds = None if self.embeds is None else sharding.constrain(
-        self.embeds, self.LOGICAL_AXES['embeds'])
-    tokens = None if self.tokens is None else sharding.constrain(
-        self.tokens, self.LOGICAL_AXES['tokens'])
-    return Prompt(kv=kv, embeds=embeds, tokens=tokens)
+    return self._map(lambda x, field: sharding.constrain(x, self.LOGICAL_AXES[field]))
 
   def broadcast_to(self, n: int) -> 'Prompt':
     """This prompt for n rows: a batch-1 prompt broadcast, or a batch-n prompt as it is."""
@@ -105,7 +99,7 @@ class Prompt:
       return self
     if self.batch_size != 1:
       raise ValueError(f'a prompt of batch {self.batch_size} cannot serve {n} rows')
-    return self._map(lambda x, axis: jnp.repeat(x, n, axis=axis))
+    return self._map(lambda x, field: jnp.repeat(x, n, axis=self.BATCH_AXIS[field]))
 
 
 def save_prompt(path: str, prompt: Prompt, meta: dict | None = None) -> None:
