@@ -154,8 +154,8 @@ def train(config, workdir: str) -> dict:
                            jax.process_index(), jax.process_count())
   steps = num_steps(config, sampler)
   trainer = experiment.make_trainer(config, lm.module, mesh, run.param_shardings, steps)
-  state, step_fn, schedule = trainer.init(jax.random.key(config.seed)), trainer.step_fn, \
-      trainer.schedule
+  state = trainer.init(jax.random.key(config.seed))
+  step_fn, schedule = trainer.step_fn, trainer.schedule
   if start is not None:
     state, data_state = training.restore_checkpoint(mngr, start, training.abstract_like(state))
     sampler.restore(data_state, where=str(mngr.directory))

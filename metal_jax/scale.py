@@ -34,8 +34,8 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 from jax.sharding import NamedSharding
 
 from metal_jax import experiment, sharding
@@ -203,7 +203,7 @@ def lower_step(config, hf: dict, mesh, *, lm_len: int = 0, steps: int = 1) -> Lo
   module = module_for(lm_cfg)
   param_sh = sharding.param_shardings(module, mesh)
   flat = param_shapes(module)
-  params = _abstract(_unflatten(flat), param_sh)
+  params = _abstract(traverse_util.unflatten_dict(flat, sep='/'), param_sh)
   trainer = experiment.make_trainer(config, module, mesh, param_sh, steps)
   state = _abstract(trainer.abstract_state,
                     jax.tree.map(lambda _: sharding.replicated(mesh), trainer.abstract_state))
@@ -217,24 +217,12 @@ def lower_step(config, hf: dict, mesh, *, lm_len: int = 0, steps: int = 1) -> Lo
   return LoweredStep(lowered, lm_cfg, mesh, params, state, batch, time.perf_counter() - t0)
 
 
-def _unflatten(flat: dict[str, Any]) -> dict:
-  out: dict = {}
-  for path, v in flat.items():
-    node = out
-    *parents, leaf = path.split('/')
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return out
-
-
 def per_device_bytes(tree) -> int:
   """Bytes one device holds of a pytree of sharded ShapeDtypeStructs (its largest shard)."""
-  total = 0
-  for x in jax.tree.leaves(tree):
-    shape = x.sharding.shard_shape(x.shape) if isinstance(x.sharding, NamedSharding) else x.shape
-    total += int(np.prod(shape, dtype=np.int64)) * jnp.dtype(x.dtype).itemsize
-  return total
+  return sum(sharding.shard_bytes(x.shape, x.dtype, x.sharding)
+             if isinstance(x.sharding, NamedSharding) else
+             int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(tree))
 
 
 def count(tree) -> int:
@@ -384,9 +372,9 @@ def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
   """Collectives of a compiled HLO module: per kind, {'count': instructions in the text,
   'bytes': their result bytes, 'executed': executions per step (loop trip counts applied),
   'executed_bytes': result bytes moved per step, 'unknown_trips': how many of the instructions
-  sit in loops of unknown trip count (counted once a loop entry: a lower bound)}. Async pairs count at their -start; an
-  all-gather-start's / collective-permute-start's result holds (operands, results), of which
-  the results count."""
+  sit in loops of unknown trip count (counted once a loop entry: a lower bound)}. Async pairs
+  count at their -start; an all-gather-start's / collective-permute-start's result holds
+  (operands, results), of which the results count."""
   comps, entry = parse_hlo(hlo_text)
   runs = executions(comps, entry)
   unknown = in_unknown_loops(comps, entry)

@@ -89,13 +89,9 @@ def _fit(spec: PS, shape: tuple[int, ...], mesh) -> tuple[PS, list[tuple[int, st
   return PS(*out), dropped
 
 
-def _device_bytes(shape: tuple[int, ...], dtype, spec: PS, mesh: Mesh) -> int:
-  """Bytes of one device's shard of an array of `shape` laid out by `spec` on `mesh`."""
-  split = 1
-  for axes in spec:
-    for a in () if axes is None else (axes,) if isinstance(axes, str) else axes:
-      split *= mesh.shape[a]
-  return int(np.prod(shape)) * np.dtype(dtype).itemsize // split
+def shard_bytes(shape: tuple[int, ...], dtype, sharding: NamedSharding) -> int:
+  """Bytes one device holds of an array of `shape` and `dtype` laid out by `sharding`."""
+  return int(np.prod(sharding.shard_shape(shape), dtype=np.int64)) * np.dtype(dtype).itemsize
 
 
 def logical_shardings(abstract_boxed, mesh: Mesh, rules=LOGICAL_RULES):
@@ -116,7 +112,7 @@ def logical_shardings(abstract_boxed, mesh: Mesh, rules=LOGICAL_RULES):
     for dim, axis in dropped:
       cost = costs[(tuple(name)[dim], x.shape[dim], axis)]
       cost[0] += 1
-      cost[1] += _device_bytes(x.shape, x.dtype, spec, mesh)
+      cost[1] += shard_bytes(x.shape, x.dtype, fitted[-1])
   for (logical, size, axis), (n, nbytes) in sorted(costs.items(), key=lambda kv: -kv[1][1]):
     log.warning('sharding: %s dimension of size %d is not divisible by mesh axis %s=%d, so it '
                 'stays replicated along it in %d arrays (%.1f MiB per device)', logical, size,
