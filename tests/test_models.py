@@ -513,3 +513,64 @@ def test_contract_is_tensordot_in_float32_and_accumulates_bfloat16_in_float32():
   for got, want in zip((y, dx, dw), exact):  # within one bf16 rounding (accumulation order)
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), rtol=2 ** -7,
                                atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. layers.attend: the head-major additive-bias kernel equals attention written out plainly
+# ---------------------------------------------------------------------------------------------
+
+
+def _reference_attention(q, k, v, mask):
+  """Grouped-query attention in float64 numpy, one (row, head, query) at a time."""
+  b, t, n, h = q.shape
+  groups = n // k.shape[2]
+  out = np.zeros((b, t, n, h))
+  for i in range(b):
+    for j in range(n):
+      for s in range(t):
+        visible = mask[i, 0, s]
+        if not visible.any():
+          continue  # a fully masked row (left padding) gives zeros
+        logits = k[i, visible, j // groups] @ q[i, s, j] / np.sqrt(h)
+        p = np.exp(logits - logits.max())
+        out[i, s, j] = (p / p.sum()) @ v[i, visible, j // groups]
+  return out
+
+
+@pytest.mark.parametrize('n_kv', [4, 2])
+def test_attend_equals_reference_attention_with_its_gradients(n_kv):
+  """layers.attend (MHA and GQA, a prefix, left padding with fully masked rows): values against a
+  float64 loop, gradients against attention written plainly with selects (float32, 1e-5)."""
+  from metal_jax.models import layers
+  rng = np.random.default_rng(1)
+  b, t, p, n, h = 2, 6, 3, 4, 8
+  q = rng.normal(size=(b, t, n, h)).astype(np.float32)
+  k = rng.normal(size=(b, p + t, n_kv, h)).astype(np.float32)
+  v = rng.normal(size=(b, p + t, n_kv, h)).astype(np.float32)
+  am = np.ones((b, t), bool)
+  am[1, :2] = False  # row 1 is left-padded by 2
+  mask = np.array(layers.attention_mask(jnp.asarray(am), p))
+  mask[1, :, :2] = False  # ... and its padded queries see nothing (as the PGM's X^P without slots)
+  got = np.asarray(layers.attend(*map(jnp.asarray, (q, k, v, mask))))
+  want = _reference_attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64),
+                              mask)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert not got[1, :2].any()  # fully masked rows are exact zeros
+
+  def plain(q, k, v):  # the same attention in jax with selects, the pre-issue-15 formulation
+    g = n // n_kv
+    kk, vv = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+    s = jnp.einsum('btnh,bsnh->bnts', q, kk) / np.sqrt(h)
+    s = jnp.where(mask, s, -jnp.inf)
+    w = jnp.where(mask, jax.nn.softmax(jnp.where(mask, s, -1e30), axis=-1), 0.0)
+    return jnp.einsum('bnts,bsnh->btnh', w, vv)
+
+  ct = jnp.asarray(rng.normal(size=q.shape).astype(np.float32))
+  args = tuple(map(jnp.asarray, (q, k, v)))
+  _, vjp_ours = jax.vjp(lambda *a: layers.attend(*a, jnp.asarray(mask)), *args)
+  _, vjp_plain = jax.vjp(plain, *args)
+  for name, a, r in zip('qkv', vjp_ours(ct), vjp_plain(ct)):
+    scale = float(jnp.max(jnp.abs(r)))
+    np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-5, atol=1e-5 * scale,
+                               err_msg=f'd{name}')
+  assert not np.asarray(vjp_ours(ct)[0])[1, :2].any()  # no gradient into a masked query
