@@ -80,14 +80,17 @@ class CausalLM(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids=None, attention_mask=None, prefix: layers.KV | None = None, *,
-               input_embeds=None, embeds_mask=None, positions=None, logit_positions=None,
+               prefix_mask=None, input_embeds=None, embeds_mask=None, positions=None,
+               logit_positions=None,
                return_kv: bool = False, return_hidden: bool = False,
                return_logits: bool = True) -> LMOutput:
     """Runs the LM.
 
     `input_embeds` [B, T, D] replace the token embeddings where `embeds_mask`
     [B, T] is true (everywhere when input_ids is None). `positions` [B, T]
-    overrides the default P..P+T-1 (left padding). `logit_positions` [B, Y]
+    overrides the default P..P+T-1 (left padding). `prefix_mask` [B, P] hides prefix slots
+    where false (a padded prefix: pass `positions` continuing from each row's visible
+    length). `logit_positions` [B, Y]
     computes logits only at those positions (logits [B, Y, V]): the LM head is
     the largest matmul, and a loss needs only the answer's positions.
     """
@@ -109,7 +112,7 @@ class CausalLM(nn.Module):
     if positions is None:
       positions = jnp.broadcast_to(p + jnp.arange(t), (b, t))
     x = self.embed_positions(x, positions)
-    mask = layers.attention_mask(attention_mask, p)
+    mask = layers.attention_mask(attention_mask, p, prefix_mask)
     x, kv = layers.run_layers(self.block_cls, cfg, x, positions, mask, prefix, return_kv)
     x = self.final_norm(x)
     logits = None

@@ -182,11 +182,15 @@ class LayerNorm(nn.Module):
     return y.astype(self.config.jnp_dtype)
 
 
-def attention_mask(attention_mask: Array, prefix_len: int) -> Array:
-  """Boolean mask [B, 1, T, S]: causal over the input, every prefix slot visible, padding hidden."""
+def attention_mask(attention_mask: Array, prefix_len: int, prefix_mask: Array | None = None
+                   ) -> Array:
+  """Boolean mask [B, 1, T, S]: causal over the input, the prefix's slots visible (all, or where
+  prefix_mask [B, P] is true: a padded prefix, e.g. a cache or contexts of several lengths in one
+  batch), padding hidden."""
   b, t = attention_mask.shape
-  key_mask = jnp.concatenate(
-      [jnp.ones((b, prefix_len), bool), attention_mask.astype(bool)], axis=1)  # [B, S]
+  visible = (jnp.ones((b, prefix_len), bool) if prefix_mask is None
+             else jnp.broadcast_to(prefix_mask.astype(bool), (b, prefix_len)))
+  key_mask = jnp.concatenate([visible, attention_mask.astype(bool)], axis=1)  # [B, S]
   q_idx = jnp.arange(t)[:, None]
   k_idx = jnp.arange(prefix_len + t)[None, :] - prefix_len
   causal = k_idx <= q_idx  # [T, S]; prefix slots have k_idx < 0
