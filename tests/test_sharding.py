@@ -124,4 +124,7 @@ def test_train_step_on_a_2x2x2_mesh_equals_one_device_and_constrains_activations
   for key in ('loss', 'grad_norm'):
     assert abs(float(m8[key]) - float(m1[key])) <= 1e-5 * abs(float(m1[key])), (key, m1, m8)
   diff = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), t8, t1)))
-  assert diff <= 1e-6, diff
+  # Adam's first step is lr * g / (|g| + eps): a gradient entry near zero, whose float32 sum is
+  # reordered by the sharded reduction, moves its update by a visible fraction of lr (1.2e-6 was
+  # seen at lr 1e-2); a sharding bug moves whole tensors by ~lr.
+  assert diff <= 1e-3 * opt.lr, diff
