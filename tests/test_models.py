@@ -603,3 +603,44 @@ def test_attend_equals_reference_attention_with_its_gradients(n_kv):
     np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-5, atol=1e-5 * scale,
                                err_msg=f'd{name}')
   assert not np.asarray(vjp_ours(ct)[0])[1, :2].any()  # no gradient into a masked query
+
+
+@pytest.mark.parametrize('n_kv', [4, 2])
+@pytest.mark.parametrize('groups', [1, 2, 6])
+def test_attend_with_a_shared_prefix_equals_the_concatenation(n_kv, groups):
+  """attend(q, k, v, mask, prefix) with G = B / groups prefix rows (row b reads prefix row
+  b // groups) equals attending over [the row's prefix ; k] concatenated, in value and in every
+  gradient (the prefix's included)."""
+  from metal_jax.models import layers
+  rng = np.random.default_rng(2)
+  b, t, p, n, h = 6, 5, 4, 4, 8
+  g = b // groups  # groups rows share one prefix row
+  q = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(b, t, n_kv, h)), jnp.float32) for _ in range(2))
+  pk, pv = (jnp.asarray(rng.normal(size=(g, p, n_kv, h)), jnp.float32) for _ in range(2))
+  am = np.ones((b, t), bool)
+  am[1, :2] = False
+  pmask = np.ones((b, p), bool)
+  pmask[2, 1:] = False  # row 2 sees one prefix slot
+  pmask[1] = False  # row 1's padded queries see nothing at all
+  mask = jnp.asarray(np.asarray(layers.attention_mask(jnp.asarray(am), p, jnp.asarray(pmask))))
+
+  def shared(q, k, v, pk, pv):
+    return layers.attend(q, k, v, mask, layers.KV(pk, pv))
+
+  def concat(q, k, v, pk, pv):
+    row = np.arange(b) // groups
+    return layers.attend(q, jnp.concatenate([pk[row], k], 1), jnp.concatenate([pv[row], v], 1),
+                         mask)
+
+  args = (q, k, v, pk, pv)
+  ct = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+  got, vjp_got = jax.vjp(shared, *args)
+  want, vjp_want = jax.vjp(concat, *args)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+  for name, a, r in zip(('q', 'k', 'v', 'prefix k', 'prefix v'), vjp_got(ct), vjp_want(ct)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-5,
+                               atol=1e-5 * float(jnp.max(jnp.abs(r))), err_msg=f'd {name}')
+  if g > 1:
+    with pytest.raises(ValueError, match='4 prefix rows do not divide a batch of 6'):
+      layers.attend(q, k, v, mask, layers.KV(pk[:1].repeat(4, 0), pv[:1].repeat(4, 0)))

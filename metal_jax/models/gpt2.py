@@ -75,9 +75,7 @@ class GPT2Attention(nn.Module):
     qkv = layers.dense(self, 'c_attn', x, ('embed',), (3, n, h), ('qkv', 'heads', 'head_dim'),
                        use_bias=True)  # [B, T, 3, N, H]
     q, k, v = (layers.add_lora(self, name, x, qkv[:, :, i]) for i, name in enumerate('qkv'))
-    keys = layers.with_prefix(k, None if prefix is None else prefix.k, k.dtype)  # [B, S, N, H]
-    values = layers.with_prefix(v, None if prefix is None else prefix.v, v.dtype)
-    o = layers.attend(q, keys, values, mask)  # [B, T, N, H]
+    o = layers.attend(q, k, v, mask, prefix)  # [B, T, N, H]
     out = layers.dense(self, 'c_proj', o, ('heads', 'head_dim'), (cfg.d_model,), ('embed',),
                        use_bias=True, lora_target='o')
     return out, layers.KV(k, v)

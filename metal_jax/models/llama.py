@@ -94,9 +94,7 @@ class LlamaAttention(nn.Module):
     v = proj('v_proj', x, ('embed',), (kh, h), ('kv_heads', 'head_dim'), lora_target='v')
     q = rope.apply_rope(q, positions, cfg.inv_freq)
     k = rope.apply_rope(k_raw, positions, cfg.inv_freq)
-    keys = layers.with_prefix(k, None if prefix is None else prefix.k, k.dtype)  # [B, S, K, H]
-    values = layers.with_prefix(v, None if prefix is None else prefix.v, v.dtype)
-    o = layers.attend(q, keys, values, mask)  # [B, T, N, H]
+    o = layers.attend(q, k, v, mask, prefix)  # [B, T, N, H]
     out = proj('o_proj', o, ('heads', 'head_dim'), (cfg.d_model,), ('embed',), lora_target='o')
     return out, layers.KV(k, v, k_raw)
 
