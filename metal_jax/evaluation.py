@@ -2,8 +2,9 @@
 
 Every test example is scored once per option: the mean per-token negative
 log-likelihood of the option's tokens under the frozen LM given prompt + X^L + x;
-the prediction is the option with the lowest score. Batched over (example,
-option) pairs, padded to bucket shapes so jit compiles a handful of programs.
+the prediction is the option with the lowest score. The prompt and X^L are encoded
+once per task and the (example, option) pairs of several tasks share batched calls
+at bucketed shapes (serving.scoring: the same path serve.py answers with).
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from metal_jax import objective, pgm
-from metal_jax.data.episodes import (EpisodeSpec, build_lm_half, build_pgm_half, collate_lm,
-                                     collate_pgm, concat_examples, lm_lengths, pgm_length)
+from metal_jax import pgm
+from metal_jax.data.episodes import (EpisodeSpec, build_pgm_half, collate_pgm, concat_examples,
+                                     pgm_length)
 from metal_jax.data.tasks import DataError, TokenizedTask, load_tokenized, task_file
+from metal_jax.serving import scoring
 
 # ----------------------------------------------------------------------------- metrics
 
@@ -66,10 +68,22 @@ def metrics(predictions: Sequence[str], golds: Sequence[str]) -> dict:
 # ----------------------------------------------------------------------------- scoring
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _row_scores(module, params, prompt, batch):
-  total, count = objective.score(module, params, prompt, batch)
-  return total / jnp.maximum(count, 1)
+def task_job(prompt: pgm.Prompt | None, demos: TokenizedTask, demo_idx: Sequence[int],
+             queries: TokenizedTask, spec: EpisodeSpec) -> scoring.Job:
+  """One task's scoring: `prompt` (batch 1, or None) and X^L (examples demo_idx of `demos`)
+  before each query of `queries`, each of its options scored."""
+  return scoring.Job(prompt, concat_examples(demos, demo_idx),
+                     list(zip(queries.input_first, queries.input_rest, queries.option_ids)), spec)
+
+
+def score_tasks(module, params, jobs: Sequence[scoring.Job], rows: int = 32
+                ) -> list[list[np.ndarray]]:
+  """Every job's option scores (per job, per query, [n_options]); the rows of several tasks fill
+  the same calls and each task's prompt and demonstrations are encoded once (serving.scoring,
+  the path serve.py answers with)."""
+  r = min(8, rows)
+  return scoring.score_jobs(module, params, jobs, rows_per_block=r,
+                            blocks_per_call=max(1, rows // r))
 
 
 def score_options(module, params, prompt: pgm.Prompt | None, demos: TokenizedTask,
@@ -77,28 +91,9 @@ def score_options(module, params, prompt: pgm.Prompt | None, demos: TokenizedTas
                   rows: int = 32) -> list[np.ndarray]:
   """Mean option-token NLL for every (query, option): a list (per query) of [n_options] arrays.
 
-  `prompt` has batch 1 (one prompt per task and seed), broadcast to the rows;
-  `demo_idx` picks X^L from `demos`.
+  `prompt` has batch 1 (one prompt per task and seed); `demo_idx` picks X^L from `demos`.
   """
-  demo_tokens = concat_examples(demos, demo_idx)
-  pairs, halves = [], []
-  for q in range(len(queries)):
-    for o, opt in enumerate(queries.option_ids[q]):
-      pairs.append((q, o))
-      halves.append(build_lm_half(demo_tokens, queries.input_first[q], queries.input_rest[q],
-                                  opt, spec))
-  lm_len, tgt_len = lm_lengths(halves, spec)  # one shape for the whole task
-  scores = np.zeros(len(halves), np.float32)
-  for start in range(0, len(halves), rows):
-    chunk = halves[start:start + rows]
-    padded = chunk + [chunk[-1]] * (rows - len(chunk))  # fixed row count: one compile
-    batch = {k: jnp.asarray(v) for k, v in collate_lm(padded, lm_len, tgt_len).items()}
-    scores[start:start + len(chunk)] = np.asarray(
-        _row_scores(module, params, prompt, batch))[:len(chunk)]
-  out = [np.zeros(len(queries.option_ids[q]), np.float32) for q in range(len(queries))]
-  for (q, o), s in zip(pairs, scores):
-    out[q][o] = s
-  return out
+  return score_tasks(module, params, [task_job(prompt, demos, demo_idx, queries, spec)], rows)[0]
 
 
 def predict(scores: list[np.ndarray], queries: TokenizedTask) -> list[str]:
@@ -208,23 +203,27 @@ def evaluate(lm, pgm_cfg, trainable, task_seeds: Sequence[TaskSeed], spec: Episo
   for name, method_obj, hp in methods:
     method = name
     per_task, walls, fwd, bwd, notes = {}, [], [], [], set()
+    outputs, jobs = [], []
+    for ts in task_seeds:  # every task's prompt first, then their rows scored together
+      bar.set_postfix(method=method, task=ts.task)
+      rng = jax.random.key(zlib.crc32(f'{seed}/{method}/{ts.task}/{ts.seed}'.encode()))
+      t0 = time.perf_counter()
+      out = method_prompt(name, method_obj, hp, ts, ctx, rng)
+      jax.block_until_ready(out.prompt)
+      walls.append(time.perf_counter() - t0)
+      fwd.append(out.forward_passes)
+      bwd.append(out.backward_passes)
+      if out.note:
+        notes.add(out.note)
+      # A prompt longer than spec.prompt_len (BBTv2's 50) leaves fewer positions for the input.
+      spec_m = spec if out.prompt is None else spec.with_prompt_len(out.prompt.length)
+      jobs.append(task_job(out.prompt, ts.train, out.demo_idx, ts.test, spec_m))
+    all_scores = score_tasks(lm.module, lm.params, jobs)
     for task in tasks:
-      bar.set_postfix(method=method, task=task)
       seeds = {}
-      for ts in (t for t in task_seeds if t.task == task):
-        rng = jax.random.key(zlib.crc32(f'{seed}/{method}/{task}/{ts.seed}'.encode()))
-        t0 = time.perf_counter()
-        out = method_prompt(name, method_obj, hp, ts, ctx, rng)
-        jax.block_until_ready(out.prompt)
-        walls.append(time.perf_counter() - t0)
-        fwd.append(out.forward_passes)
-        bwd.append(out.backward_passes)
-        if out.note:
-          notes.add(out.note)
-        # A prompt longer than spec.prompt_len (BBTv2's 50) leaves fewer positions for the input.
-        spec_m = spec if out.prompt is None else spec.with_prompt_len(out.prompt.length)
-        scores = score_options(lm.module, lm.params, out.prompt, ts.train, out.demo_idx, ts.test,
-                               spec_m)
+      for ts, scores in zip(task_seeds, all_scores):
+        if ts.task != task:
+          continue
         preds = predict(scores, ts.test)
         golds = list(ts.test.raw['output'])
         seeds[str(ts.seed)] = metrics(preds, golds)

@@ -21,20 +21,22 @@ def token_nll(logits, target_ids, target_mask):
   return nll * target_mask
 
 
-def score(module, params: dict, prompt: pgm.Prompt | None, lm_half: dict
+def score(module, params: dict, prompt: pgm.Prompt | None, lm_half: dict, **kw
           ) -> tuple[jax.Array, jax.Array]:
   """Per row: (sum of y-token NLLs [B], number of y tokens [B]) of an LM half under a prompt.
 
   The one place the frozen LM scores (X^L, x, y): meta-training, option scoring and every
   baseline's loss call it. `lm_half` has lm_ids, lm_mask [B, T] and target_pos, target_ids,
-  target_mask [B, Y]; `prompt` is None, one prompt (batch 1, broadcast to the rows) or B
-  prompts (row b scored under prompt row b).
+  target_mask [B, Y]; `prompt` is None, B prompts (row b scored under prompt row b) or G
+  prompts for G dividing B: keys/values shared by B/G consecutive rows each without a copy
+  (layers.attend), embeddings broadcast. `kw` goes to the LM (prefix_mask and positions for a
+  padded prefix: serving.scoring's contexts).
   """
   b = lm_half['lm_ids'].shape[0]
-  if prompt is not None:
+  if prompt is not None and (prompt.kv is None or b % prompt.batch_size):
     prompt = prompt.broadcast_to(b)
   out = pgm.apply_with_prompt(module, params, prompt, lm_half['lm_ids'], lm_half['lm_mask'],
-                              logit_positions=lm_half['target_pos'])
+                              logit_positions=lm_half['target_pos'], **kw)
   nll = token_nll(out.logits, lm_half['target_ids'], lm_half['target_mask'])
   return nll.sum(-1), lm_half['target_mask'].sum(-1).astype(jnp.float32)
 

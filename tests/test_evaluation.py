@@ -35,12 +35,12 @@ import sklearn.metrics
 from configs import default
 from conftest import save_hf
 from metal_jax import evaluation, lora, methods, pgm, run_eval, run_train
-from metal_jax.data import episodes as episodes_mod
 from metal_jax.data import synthetic
 from metal_jax.data.episodes import EpisodeSpec
 from metal_jax.data.tasks import load_tokenized
 from metal_jax.models import KV
 from metal_jax.models.hf import load_lm
+from metal_jax.serving import scoring
 
 ROOT = Path(__file__).resolve().parents[1]
 P = 4  # prompt length of the hand-made prompts
@@ -249,36 +249,24 @@ def test_prompt_changes_scores(lm, hand_task):
 
 
 @pytest.mark.parametrize('n_l', [2, 0])
-def test_lm_rows_are_metaicl_direct_format(lm, tok, hand_task, monkeypatch, n_l):
+def test_lm_rows_are_metaicl_direct_format(lm, tok, hand_task, n_l):
+  """What the frozen LM reads for each (query, option): the task's encoded context (X^L) then the
+  row's query and option, together MetaICL's direct format, token for token."""
   demos, queries = hand_task
-  seen = []
-
-  def spy(halves, lm_len, tgt_len):
-    out = episodes_mod.collate_lm(halves, lm_len, tgt_len)
-    seen.append(out)
-    return out
-
-  monkeypatch.setattr(evaluation, 'collate_lm', spy)
-  evaluation.score_options(lm.module, lm.params, None, demos, list(range(n_l)), queries, SPEC,
-                           rows=4)
-  batch = {k: np.concatenate([b[k] for b in seen]) for k in seen[0]}
+  job = evaluation.task_job(None, demos, list(range(n_l)), queries, SPEC)
+  rows, _, _ = scoring.job_rows(job)
   pairs = [(q, o) for q, qr in enumerate(QUERIES) for o in range(len(qr['options']))]
-  assert len(batch['lm_ids']) >= len(pairs)
-  for i, (q, o) in enumerate(pairs):
+  assert len(rows) == len(pairs)
+  seqs = []
+  for (full, query, y), (q, o) in zip(rows, pairs):
     qr = QUERIES[q]
-    text = metaicl_context(qr['input'], n_l) + '\n' + qr['options'][o]
-    want = enc(tok, text)
-    n = int(batch['lm_mask'][i].sum())
-    assert batch['lm_ids'][i, :n].tolist() == want, (q, o, text)
-    assert (batch['lm_mask'][i, :n] == 1).all() and not batch['lm_ids'][i, n:].any()
-    y = enc(tok, '\n' + qr['options'][o])
-    ny = int(batch['target_mask'][i].sum())
-    assert batch['target_ids'][i, :ny].tolist() == y
-    assert batch['target_pos'][i, :ny].tolist() == list(range(n - len(y) - 1, n - 1))
+    assert full  # everything fits: the row reads the whole encoded context
+    want = enc(tok, metaicl_context(qr['input'], n_l) + '\n' + qr['options'][o])
+    seqs.append(list(job.demos) + query.tolist() + y.tolist())
+    assert seqs[-1] == want, (q, o)
+    assert y.tolist() == enc(tok, '\n' + qr['options'][o])
   # One row written out by hand: the first query with its 4-word option.
-  i = pairs.index((0, 2))
-  n = int(batch['lm_mask'][i].sum())
-  toks = tok.convert_ids_to_tokens(batch['lm_ids'][i, :n].tolist())
+  toks = tok.convert_ids_to_tokens(seqs[pairs.index((0, 2))])
   # (the built-in tokenizer makes a newline and the label word after it one token)
   query = ['the', 'horse', '\ngold', 'silver', 'violet', 'amber']
   if n_l == 2:
@@ -514,8 +502,8 @@ def test_rerun_replaces_eval_and_failed_rerun_leaves_it_intact(trained_run, tmp_
     f.write('{"prediction": "junk"}\n')
   before = snapshot(out)
 
-  # A rerun that fails midway (the second score_options call raises).
-  orig = evaluation.score_options
+  # A rerun that fails midway (the second method's score_tasks call raises).
+  orig = evaluation.score_tasks
   n_calls = [0]
 
   def failing(*a, **kw):
@@ -524,14 +512,14 @@ def test_rerun_replaces_eval_and_failed_rerun_leaves_it_intact(trained_run, tmp_
       raise RuntimeError('injected failure')
     return orig(*a, **kw)
 
-  monkeypatch.setattr(evaluation, 'score_options', failing)
+  monkeypatch.setattr(evaluation, 'score_tasks', failing)
   with pytest.raises(RuntimeError, match='injected failure'):
     run_eval.main(workdir=workdir, seeds=['100', '13'], methods=['zero_shot', 'metal'],
                   progress=False)
   assert n_calls[0] == 2
   assert snapshot(out) == before  # the earlier eval/ untouched, junk and all
   leftovers = sorted(n for n in os.listdir(workdir) if n.startswith('eval') and n != 'eval')
-  monkeypatch.setattr(evaluation, 'score_options', orig)
+  monkeypatch.setattr(evaluation, 'score_tasks', orig)
 
   # A successful rerun with fewer methods: eval/ is replaced wholesale.
   md = run_eval.main(workdir=workdir, seeds=['100', '13'], methods=['metal', 'rlprompt'],
