@@ -181,5 +181,35 @@ def setup(config, workdir: str) -> Setup:
                pgm_config(config), episode_spec(config, lm.config))
 
 
+@dataclasses.dataclass
+class Trained:
+  """A trained run's checkpoint, ready to use: eval.py and serve.py start from it."""
+  workdir: str
+  step: int
+  config: ml_collections.ConfigDict
+  tokenizer: object
+  mesh: object
+  lm: LoadedLM
+  pgm_cfg: pgm.PGMConfig
+  spec: EpisodeSpec
+  trainable: dict
+
+
+def load_trained(workdir: str, step: int | None = None) -> Trained:
+  """The run's config (from its checkpoint), tokenizer, frozen LM on the run's mesh, and the
+  PGM's trainable pytree of the latest checkpoint (or `step`)."""
+  cfg_json, step = training.restore_config(workdir, step)
+  config = ml_collections.ConfigDict(cfg_json)
+  tokenizer = tokenizer_for(config, workdir)
+  ckpt = (os.path.join(workdir, 'base_lm') if config.model == BUILTIN
+          else model_source(config, workdir))
+  mesh = sharding.make_mesh(config.mesh.to_dict())  # the run's own mesh
+  lm, _ = load_model(config, ckpt, mesh)
+  cfg = pgm_config(config)
+  trainable, _ = training.restore_trainable(workdir, lm.config, cfg, step)
+  return Trained(workdir, step, config, tokenizer, mesh, lm, cfg,
+                 episode_spec(config, lm.config), trainable)
+
+
 def config_json(config) -> dict:
   return json.loads(config.to_json_best_effort())

@@ -9,9 +9,7 @@ import shutil
 import time
 from typing import Sequence
 
-import ml_collections
-
-from metal_jax import evaluation, experiment, sharding, training
+from metal_jax import evaluation, experiment
 from metal_jax import methods as methods_lib
 
 log = logging.getLogger('metal_jax')
@@ -28,14 +26,14 @@ def main(*, workdir: str, split: Sequence[str] = (), seeds: Sequence[str] = ('10
          methods: Sequence[str] = ('all',), hparams: Sequence[str] = (), bbt_budget: int = 0,
          out: str = '', progress: bool = True) -> str:
   """Lists are absl list flags' values (eval.py): --seeds=100,13 gives ['100', '13']."""
-  cfg_json, step = training.restore_config(workdir)
-  config = ml_collections.ConfigDict(cfg_json)
+  seed_list = parse_ints(seeds, 'seeds')  # the flags are checked before anything loads
+  method_list, not_implemented = methods_lib.resolve(methods)
+  tr = experiment.load_trained(workdir)
+  config, step = tr.config, tr.step
   split_t = tuple(parse_ints(split, 'split')) if split else (
       config.n_prompt_examples, config.n_lm_examples)
   if len(split_t) != 2:
     raise ValueError(f'--split={",".join(split)}: expected "n_P,n_L"')
-  seed_list = parse_ints(seeds, 'seeds')
-  method_list, not_implemented = methods_lib.resolve(methods)
   # BBTv2's budget: the flag, else the run config's eval.bbt_budget, else the method default;
   # then --hparams=method.field=value on top.
   bbt_budget = bbt_budget or int(config.get('eval', {}).get('bbt_budget', 0))
@@ -43,16 +41,7 @@ def main(*, workdir: str, split: Sequence[str] = (), seeds: Sequence[str] = ('10
   hp = methods_lib.hparams_from(hparams, base)
 
   data_dir, setting = experiment.data_location(config, workdir)
-  tokenizer = experiment.tokenizer_for(config, workdir)
-  if config.model == experiment.BUILTIN:
-    ckpt = os.path.join(workdir, 'base_lm')
-  else:
-    ckpt = experiment.model_source(config, workdir)
-  mesh = sharding.make_mesh(config.mesh.to_dict())  # the run's own mesh
-  lm, _ = experiment.load_model(config, ckpt, mesh)
-  pgm_cfg = experiment.pgm_config(config)
-  spec = experiment.episode_spec(config, lm.config)
-  trainable, _ = training.restore_trainable(workdir, lm.config, pgm_cfg, step)
+  lm, pgm_cfg, spec, trainable, tokenizer = tr.lm, tr.pgm_cfg, tr.spec, tr.trainable, tr.tokenizer
   task_seeds = evaluation.load_task_seeds(
       data_dir, setting['test'], seed_list, tokenizer, os.path.join(workdir, 'cache', 'tokenized'),
       config.max_example_len)

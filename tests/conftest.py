@@ -54,3 +54,30 @@ def llama_dir(tmp_path_factory):
   d = tmp_path_factory.mktemp('llama')
   save_hf('llama', d)
   return d
+
+
+@pytest.fixture(scope='session')
+def served_run(tmp_path_factory):
+  """A tiny train.py run (2 steps, prefix design, P = 4, data-parallel mesh) that serving tests serve:
+  the built-in tokenizer, a random GPT-2 of 128 positions. Returns the workdir."""
+  from configs import default
+  from metal_jax import run_train
+  from metal_jax.data import synthetic
+  tok = synthetic.build_tokenizer()
+  model_dir = tmp_path_factory.mktemp('served_model')
+  save_hf('gpt2', model_dir, vocab_size=len(tok), n_positions=128)
+  tok.save_pretrained(str(model_dir))
+  c = default.get_config()
+  c.model = str(model_dir)
+  c.data_dir = ''
+  c.synthetic.update(n_train_tasks=4, n_test_tasks=2, n_train_examples=48, n_test_examples=8)
+  c.pgm.prompt_len = 4
+  c.pgm.lstm_layers = 1
+  c.lora.rank = 4
+  c.batch_size = 8  # one episode a fake device
+  c.num_steps = 2
+  c.progress = False
+  c.async_checkpoints = False
+  workdir = str(tmp_path_factory.mktemp('served_run'))
+  run_train.train(c, workdir)
+  return workdir

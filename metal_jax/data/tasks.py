@@ -198,3 +198,14 @@ def load_tokenized(path: str, tokenizer, cache_dir: str, max_example_len: int = 
   os.replace(tmp, cache_file)
   shutil.rmtree(os.path.join(cache_dir, 'json', key), ignore_errors=True)
   return TokenizedTask(path, columns, key)
+
+
+def tokenize_examples(examples: list[dict], tokenizer, max_example_len: int = 256,
+                      name: str = '<memory>') -> TokenizedTask:
+  """In-memory examples ({'input', 'output'[, 'options']} each) tokenised as a task file's
+  (MetaICL direct format): a served request's examples and queries."""
+  options = [list(e.get('options', [])) for e in examples]
+  # A query has no output: its first option stands in (only its input and options are used).
+  outputs = [e['output'] if 'output' in e else (o[0] if o else '') for e, o in zip(examples, options)]
+  columns = {'input': [e['input'] for e in examples], 'output': outputs, 'options': options}
+  return TokenizedTask(name, {**columns, **_tokenize_batch(columns, tokenizer, max_example_len)})
