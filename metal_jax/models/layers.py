@@ -230,19 +230,33 @@ def attend(q: Array, k: Array, v: Array, mask: Array, prefix: KV | None = None) 
   if prefix is None:
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum('bnts,bnsh->bnth', probs, heads(v))
-  else:  # shared prefix rows: [G, B/G, N, T, .] against [G, N, P, H]
-    shared = lambda a: a.reshape(g, b // g, *a.shape[1:])
-    pre = jnp.einsum('grnth,gnsh->grnts', shared(qh), heads(jnp.asarray(prefix.k, k.dtype)),
-                     preferred_element_type=jnp.float32).reshape(b, n, t, p_len)
-    pre = pre * (h ** -0.5) + bias[..., :p_len]
-    top = jax.lax.stop_gradient(jnp.maximum(pre.max(-1, keepdims=True),
-                                            scores.max(-1, keepdims=True)))
-    e_pre, e_in = jnp.exp(pre - top), jnp.exp(scores - top)
-    norm = e_pre.sum(-1, keepdims=True) + e_in.sum(-1, keepdims=True)
-    out_pre = jnp.einsum('grnts,gnsh->grnth', shared((e_pre / norm).astype(v.dtype)),
-                         heads(jnp.asarray(prefix.v, v.dtype)))
-    out = out_pre.reshape(b, n, t, h) + jnp.einsum('bnts,bnsh->bnth',
-                                                   (e_in / norm).astype(v.dtype), heads(v))
+  else:
+    # Shared prefix rows: the B/G rows of a group are one batch of R*T queries against the
+    # group's [N, P, H] keys; scores stay [G, N, R*T, P] (no per-row copy, no transpose of
+    # anything P wide), only the per-query max and normaliser cross between the two layouts.
+    r = b // g
+
+    def to_g(a):  # [B, M, T, ...] -> [G, M, R*T, ...]
+      m = a.shape[1]
+      return a.reshape(g, r, m, t, *a.shape[3:]).swapaxes(1, 2).reshape(g, m, r * t,
+                                                                          *a.shape[3:])
+
+    def from_g(a):  # [G, M, R*T, ...] -> [B, M, T, ...]
+      m = a.shape[1]
+      return a.reshape(g, m, r, t, *a.shape[3:]).swapaxes(1, 2).reshape(b, m, t, *a.shape[3:])
+
+    pre_bias = to_g(bias[..., :p_len])  # [G, 1, R*T, P]
+    pre = jnp.einsum('gnqh,gnsh->gnqs', to_g(qh), heads(jnp.asarray(prefix.k, k.dtype)),
+                     preferred_element_type=jnp.float32) * (h ** -0.5) + pre_bias
+    top = jax.lax.stop_gradient(jnp.maximum(from_g(pre.max(-1)), scores.max(-1)))  # [B, N, T]
+    e_pre = jnp.exp(pre - to_g(top)[..., None])
+    e_in = jnp.exp(scores - top[..., None])
+    norm = from_g(e_pre.sum(-1)) + e_in.sum(-1)  # [B, N, T]
+    out_pre = from_g(jnp.einsum('gnqs,gnsh->gnqh', e_pre.astype(v.dtype),
+                                heads(jnp.asarray(prefix.v, v.dtype))))
+    out_in = jnp.einsum('bnts,bnsh->bnth', e_in.astype(v.dtype), heads(v))
+    out = ((out_pre.astype(jnp.float32) + out_in.astype(jnp.float32))
+           / norm[..., None]).astype(v.dtype)
   out = jnp.swapaxes(out, 1, 2)
   visible = jnp.any(mask, axis=-1)[:, 0, :, None, None]  # [B, T, 1, 1]: the row sees a key
   return jnp.where(visible, out, jnp.zeros((), out.dtype))
