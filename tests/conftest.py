@@ -56,28 +56,40 @@ def llama_dir(tmp_path_factory):
   return d
 
 
-@pytest.fixture(scope='session')
-def served_run(tmp_path_factory):
-  """A tiny train.py run (2 steps, prefix design, P = 4, data-parallel mesh) that serving tests serve:
-  the built-in tokenizer, a random GPT-2 of 128 positions. Returns the workdir."""
+def tiny_run_config(model_dir, **synthetic):
+  """The default config shrunk to a tiny train.py run on model_dir (a saved random GPT-2 with the
+  built-in tokenizer): a small synthetic suite, P = 4, one LSTM layer, LoRA rank 4, 2 steps."""
   from configs import default
-  from metal_jax import run_train
-  from metal_jax.data import synthetic
-  tok = synthetic.build_tokenizer()
-  model_dir = tmp_path_factory.mktemp('served_model')
-  save_hf('gpt2', model_dir, vocab_size=len(tok), n_positions=128)
-  tok.save_pretrained(str(model_dir))
   c = default.get_config()
   c.model = str(model_dir)
   c.data_dir = ''
-  c.synthetic.update(n_train_tasks=4, n_test_tasks=2, n_train_examples=48, n_test_examples=8)
+  c.synthetic.update(n_train_tasks=4, n_test_tasks=2, n_train_examples=48, n_test_examples=8,
+                     **synthetic)
   c.pgm.prompt_len = 4
   c.pgm.lstm_layers = 1
   c.lora.rank = 4
-  c.batch_size = 8  # one episode a fake device
   c.num_steps = 2
   c.progress = False
   c.async_checkpoints = False
+  return c
+
+
+def tiny_run_model(directory):
+  """A random GPT-2 of 128 positions with the built-in tokenizer, saved to directory."""
+  from metal_jax.data import synthetic
+  tok = synthetic.build_tokenizer()
+  save_hf('gpt2', directory, vocab_size=len(tok), n_positions=128)
+  tok.save_pretrained(str(directory))
+  return directory
+
+
+@pytest.fixture(scope='session')
+def served_run(tmp_path_factory):
+  """A tiny train.py run (2 steps, prefix design, P = 4, data-parallel mesh) that serving tests
+  serve. Returns the workdir."""
+  from metal_jax import run_train
+  c = tiny_run_config(tiny_run_model(tmp_path_factory.mktemp('served_model')))
+  c.batch_size = 8  # one episode a fake device
   workdir = str(tmp_path_factory.mktemp('served_run'))
   run_train.train(c, workdir)
   return workdir

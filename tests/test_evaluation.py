@@ -32,8 +32,7 @@ import numpy as np
 import pytest
 import sklearn.metrics
 
-from configs import default
-from conftest import save_hf
+from conftest import save_hf, tiny_run_config, tiny_run_model
 from metal_jax import evaluation, lora, methods, pgm, run_eval, run_train
 from metal_jax.data import synthetic
 from metal_jax.data.episodes import EpisodeSpec
@@ -254,13 +253,13 @@ def test_lm_rows_are_metaicl_direct_format(lm, tok, hand_task, n_l):
   row's query and option, together MetaICL's direct format, token for token."""
   demos, queries = hand_task
   job = evaluation.task_job(None, demos, list(range(n_l)), queries, SPEC)
-  rows, _, _ = scoring.job_rows(job)
+  rows = scoring.job_rows(job)
   pairs = [(q, o) for q, qr in enumerate(QUERIES) for o in range(len(qr['options']))]
   assert len(rows) == len(pairs)
   seqs = []
-  for (full, query, y), (q, o) in zip(rows, pairs):
+  for (start, query, y), (q, o) in zip(rows, pairs):
     qr = QUERIES[q]
-    assert full  # everything fits: the row reads the whole encoded context
+    assert start == 0  # everything fits: the row reads the whole encoded context
     want = enc(tok, metaicl_context(qr['input'], n_l) + '\n' + qr['options'][o])
     seqs.append(list(job.demos) + query.tolist() + y.tolist())
     assert seqs[-1] == want, (q, o)
@@ -361,22 +360,10 @@ E2E_SEEDS = [100, 13]
 @pytest.fixture(scope='module')
 def trained_run(tmp_path_factory, tok):
   """A tiny train.py run (2 steps) and its first evaluation; returns (workdir, markdown)."""
-  model_dir = tmp_path_factory.mktemp('run_model')
-  save_hf('gpt2', model_dir, vocab_size=len(tok), n_positions=128)
-  tok.save_pretrained(str(model_dir))
-  c = default.get_config()
-  c.model = str(model_dir)
-  c.data_dir = ''
-  c.synthetic.update(n_train_tasks=4, n_test_tasks=2, n_train_examples=48, n_test_examples=8)
-  c.pgm.prompt_len = P
-  c.pgm.lstm_layers = 1
-  c.lora.rank = 4
+  c = tiny_run_config(tiny_run_model(tmp_path_factory.mktemp('run_model')))
   c.batch_size = 4
-  c.num_steps = 2
   c.mesh.update(data=2, fsdp=2, tensor=2)
   c.log_every = 1
-  c.progress = False
-  c.async_checkpoints = False
   c.eval.bbt_budget = 15  # eval.py's default for this run (the flag below overrides it)
   workdir = str(tmp_path_factory.mktemp('run'))
   run_train.train(c, workdir)

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from metal_jax.data.episodes import EpisodeSpec
+from metal_jax.data.episodes import EpisodeSpec, build_lm_half
 from metal_jax.models import KV
 from metal_jax.models.hf import load_lm
 from metal_jax.pgm import Prompt
@@ -97,20 +97,22 @@ def test_not_vacuous_prompts_and_demos_reach_the_rows(lm):
 
 
 def test_rows_cut_like_build_lm_half(lm):
-  """With X^L of 54 tokens in a 60-position budget, rows whose x + y do not fit after it read the
-  prompt-only context and the left-cut (X^L + x); rows that fit read the whole context."""
+  """With X^L of 54 tokens in a 60-position budget, a row's context X^L[start:] and query are,
+  together, build_lm_half's left-cut (X^L + x): start 0 when it all fits; rows with the same cut
+  share one context; a cut past X^L cuts x itself."""
   job = make_job(lm, 'kv', 54, 8, 3, SPEC)
-  rows, need_full, need_prompt = scoring.job_rows(job)
-  assert need_full and need_prompt  # the case mixes both kinds
-  pairs = [(x, y) for _, x, opts in job.queries for y in opts]
-  for (full, query, y), (x, y_want) in zip(rows, pairs):
-    np.testing.assert_array_equal(y, y_want)
-    if full:
-      np.testing.assert_array_equal(query, x)
-      assert len(job.demos) + len(x) + len(y) <= SPEC.lm_budget
-    else:
-      whole = np.concatenate([job.demos, x])
-      np.testing.assert_array_equal(query, whole[len(whole) - (SPEC.lm_budget - len(y)):])
+  job.queries.append((np.arange(1, 70, dtype=np.int32),) * 2 + ([np.asarray([3], np.int32)],))
+  rows = scoring.job_rows(job)
+  pairs = [(xf, xr, y) for xf, xr, opts in job.queries for y in opts]
+  assert len(rows) == len(pairs)
+  for (start, query, y), (xf, xr, y_want) in zip(rows, pairs):
+    want = build_lm_half(job.demos, xf, xr, y_want, SPEC)
+    np.testing.assert_array_equal(y, want.target)
+    np.testing.assert_array_equal(np.concatenate([job.demos[start:], query]), want.context)
+    assert (start == 0) == (len(job.demos) + len(xr) + len(y) <= SPEC.lm_budget)
+  starts = [start for start, _, _ in rows]
+  assert 0 in starts and len(job.demos) in starts and len(set(starts)) > 2
+  assert len(set(starts)) < len(rows)  # shared cuts
 
 
 def test_batch_of_g_contexts_is_not_copied_per_row(lm):

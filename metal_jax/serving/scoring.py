@@ -7,9 +7,10 @@ prompt (prefix keys/values, or embeddings run through the LM) followed by its de
 of re-running the prompt and the demonstrations for every pair.
 
 Rows reproduce `episodes.build_lm_half` exactly: a row whose demonstrations, query and option fit
-`spec.lm_budget` reads [context ; x ; y]; one that does not (the demonstrations must be cut from
-the left) reads the prompt-only context and the left-truncated (X^L + x) as its query, as the
-recomputing path does. The score is MetaICL's: the mean NLL of the option's tokens.
+`spec.lm_budget` reads [context ; x ; y]; one that does not has (X^L + x) cut from the left, as
+the recomputing path does, and reads the context of X^L cut at that point (shared by every row
+with the same cut: long demonstrations cut by queries of a few dozen distinct lengths make a few
+dozen contexts, not one per row). The score is MetaICL's: the mean NLL of the option's tokens.
 
 Batching. Contexts are stacked in a `ContextTable` ([L, N, C, K, H], each entry's length, right
 padding masked by `prefix_mask`). A call scores G blocks of R rows; the rows of a block share one
@@ -214,70 +215,63 @@ class Job:
   spec: EpisodeSpec
 
 
-def job_rows(job: Job) -> tuple[list[tuple[bool, np.ndarray, np.ndarray]], bool, bool]:
-  """(uses the full context, query, option) per pair, and which contexts the job needs."""
+def job_rows(job: Job) -> list[tuple[int, np.ndarray, np.ndarray]]:
+  """Per (query, option): (start, query tokens, option tokens). The row reads the context
+  [prompt ; X^L[start:]] then its query and option: start 0 when everything fits the budget;
+  otherwise build_lm_half's left cut of (X^L + x) lands in X^L at `start` (rows with the same
+  cut share that context) or, past X^L (start = len(X^L)), in x itself, which is then cut."""
   out = []
   n_demo = len(job.demos)
   for x_first, x_rest, options in job.queries:
-    x = x_rest if n_demo else x_first
+    x = np.asarray(x_rest if n_demo else x_first, np.int32)
     for y in options:
-      if n_demo + len(x) + len(y) <= job.spec.lm_budget:
-        out.append((True, np.asarray(x, np.int32), np.asarray(y, np.int32)))
-      else:  # build_lm_half's cut: the demonstrations are re-read with the query
-        query = left_truncate(np.concatenate([job.demos, x]), job.spec.lm_budget - len(y))
-        out.append((False, query.astype(np.int32), np.asarray(y, np.int32)))
-  return out, any(f for f, _, _ in out), any(not f for f, _, _ in out)
+      cut = max(0, n_demo + len(x) + len(y) - job.spec.lm_budget)
+      out.append((min(cut, n_demo), x[max(0, cut - n_demo):], np.asarray(y, np.int32)))
+  return out
 
 
 def score_jobs(module: CausalLM, params: dict, jobs: Sequence[Job], *, rows_per_block: int = 8,
                blocks_per_call: int = 4, window_bytes: int = 1 << 30) -> list[list[np.ndarray]]:
   """Mean option NLL for every (query, option) of every job: per job, per query, [n_options].
 
-  Jobs are taken in windows whose encoded contexts fit `window_bytes`; a window's rows, of
-  whatever job, fill the same calls."""
-  results: list[list[np.ndarray]] = [[None] * len(j.queries) for j in jobs]
-  pending = list(range(len(jobs)))
-  while pending:
-    contexts: list[Context] = []
-    rows: list[Row] = []
-    where: list[tuple[int, int, int]] = []  # (job, query, option) per row
-    used = 0
-    spec = jobs[pending[0]].spec
-    while pending and (not contexts or used < window_bytes) and jobs[pending[0]].spec == spec:
-      j = pending.pop(0)
-      job = jobs[j]
-      pairs, need_full, need_prompt = job_rows(job)
-      entry = {}
-      if need_full:
-        entry[True] = len(contexts)
-        contexts.append(encode_context(module, params, job.prompt, job.demos))
-      if need_prompt:
-        if len(job.demos) == 0 and True in entry:
-          entry[False] = entry[True]
-        else:
-          entry[False] = len(contexts)
-          contexts.append(encode_context(module, params, job.prompt, np.zeros((0,), np.int32)))
-      used += sum(contexts[e].nbytes for e in set(entry.values()))
-      k = 0
-      for q, (_, _, options) in enumerate(job.queries):
-        for o in range(len(options)):
-          full, query, y = pairs[k]
-          rows.append(Row(entry[full], query, y))
-          where.append((j, q, o))
-          k += 1
-    if not rows:
-      continue
-    table = ContextTable.stack(contexts, module.config)
+  Each distinct context (a job's prompt and X^L, or X^L cut at some start) is encoded once.
+  Contexts are taken in windows (by spec, then length) whose keys/values fit `window_bytes`;
+  a window's rows, of whatever job, fill the same calls."""
+  cfg = module.config
+  token_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(cfg.jnp_dtype).itemsize
+  specs = list(dict.fromkeys(j.spec for j in jobs))
+  results = [[np.zeros((len(opts),), np.float32) for _, _, opts in j.queries] for j in jobs]
+  groups: dict[tuple[int, int], list[tuple[int, int, int, np.ndarray, np.ndarray]]] = {}
+  for j, job in enumerate(jobs):
+    pairs = iter(job_rows(job))
+    for q, (_, _, options) in enumerate(job.queries):
+      for o in range(len(options)):
+        start, query, y = next(pairs)
+        groups.setdefault((j, start), []).append((j, q, o, query, y))
+
+  def length(key):
+    j, start = key
+    p = 0 if jobs[j].prompt is None else jobs[j].prompt.length
+    return p + len(jobs[j].demos) - start
+
+  keys = sorted(groups, key=lambda k: (specs.index(jobs[k[0]].spec), length(k)))
+  while keys:
+    window = [keys.pop(0)]
+    spec = jobs[window[0][0]].spec
+    while (keys and jobs[keys[0][0]].spec == spec
+           and (len(window) + 1) * length(keys[0]) * token_bytes <= window_bytes):
+      window.append(keys.pop(0))
+    contexts, rows, where = [], [], []
+    for e, (j, start) in enumerate(window):
+      contexts.append(encode_context(module, params, jobs[j].prompt, jobs[j].demos[start:]))
+      for jj, q, o, query, y in groups[(j, start)]:
+        rows.append(Row(e, query, y))
+        where.append((jj, q, o))
+    table = ContextTable.stack(contexts, cfg)
     scores = score_rows(module, params, table, rows, spec, rows_per_block=rows_per_block,
                         blocks_per_call=blocks_per_call)
     for (j, q, o), s in zip(where, scores):
-      if results[j][q] is None:
-        results[j][q] = np.zeros((len(jobs[j].queries[q][2]),), np.float32)
       results[j][q][o] = s
-  for j, job in enumerate(jobs):  # queries without options
-    for q in range(len(job.queries)):
-      if results[j][q] is None:
-        results[j][q] = np.zeros((0,), np.float32)
   return results
 
 
