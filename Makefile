@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test train eval demo bench clean
+.PHONY: install test train eval demo bench serve clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ demo: train eval
 
 bench: $(STAMP)
 	$(PY) bench/train_step.py
+
+# Serve the default run's PGM (after `make demo` or `make train`) on 127.0.0.1:8000.
+serve: $(STAMP)
+	$(PY) serve.py --workdir=runs/default
 
 clean:
 	rm -rf $(VENV) .pytest_cache

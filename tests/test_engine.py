@@ -73,3 +73,38 @@ def test_a_mixed_batch_equals_each_request_alone_and_slots_are_lru(engine):
   assert len(engine.slots.slots) == 2
   with pytest.raises(UnknownPrompt):
     engine.classify([engine_lib.ClassifyRequest('0' * 32, INPUTS, OPTIONS)])
+
+
+def test_a_deleted_prompts_slot_is_reused_without_touching_the_others(engine):
+  """Regression: delete used to leave a hole that the next prompt filled with a live slot's
+  index, so another prompt was scored with the new one's keys/values."""
+  pids = [engine.register(ex)[0] for ex in EXAMPLES[:2]]
+  req = lambda pid: engine_lib.ClassifyRequest(pid, INPUTS, OPTIONS)
+  before = engine.classify([req(pids[0]), req(pids[1])])
+  engine.delete(pids[1])
+  new_pid, _, _ = engine.register(EXAMPLES[2])
+  after, fresh = engine.classify([req(pids[0]), req(new_pid)])
+  np.testing.assert_allclose(after, before[0], atol=1e-6)
+  assert sorted(engine.slots.slots.values()) == sorted(set(engine.slots.slots.values()))
+  assert np.abs(fresh - before[0]).max() > 1e-4
+  with pytest.raises(UnknownPrompt):
+    engine.classify([req(pids[1])])
+
+
+def test_limits_name_the_field(engine):
+  pid, _, _ = engine.register(EXAMPLES[0])
+  long_input = ' '.join(['cat'] * (engine.max_input_tokens + 5))
+  with pytest.raises(engine_lib.RequestError, match=r'inputs\[1\]: .* tokens; at most') as e:
+    engine.classify([engine_lib.ClassifyRequest(pid, ['the cat', long_input], OPTIONS)])
+  assert e.value.status == 413
+  with pytest.raises(engine_lib.RequestError, match='options'):
+    engine.classify([engine_lib.ClassifyRequest(pid, INPUTS, ['red', 'red'])])
+  with pytest.raises(engine_lib.RequestError, match='examples') as e:
+    engine.register([{'input': 'x', 'output': 'y'}] * (engine.max_examples + 1))
+  assert e.value.status == 413
+  engine.truncate_inputs = True  # the operator's choice: cut from the left, as eval.py does
+  try:
+    got = engine.classify([engine_lib.ClassifyRequest(pid, [long_input], OPTIONS)])[0]
+    assert np.isfinite(got).all()
+  finally:
+    engine.truncate_inputs = False

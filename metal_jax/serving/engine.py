@@ -35,15 +35,13 @@ from metal_jax.serving import generate as gen
 from metal_jax.serving import scoring
 from metal_jax.serving.store import PromptStore
 
-MAX_EXAMPLES = 64
-
-
 class RequestError(ValueError):
-  """A request's own mistake: `field` names the JSON field at fault (HTTP 422)."""
+  """A request's own mistake: `field` names the JSON field at fault; `status` is the HTTP answer
+  (422 a malformed field, 413 one over a size limit)."""
 
-  def __init__(self, field: str, message: str):
+  def __init__(self, field: str, message: str, status: int = 422):
     super().__init__(f'{field}: {message}')
-    self.field = field
+    self.field, self.status = field, status
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
@@ -64,6 +62,7 @@ class SlotTable:
     self.kv = KV(jnp.zeros(shape, cfg.jnp_dtype), jnp.zeros(shape, cfg.jnp_dtype))
     self.length = np.zeros((n_slots,), np.int32)
     self.slots: collections.OrderedDict[str, int] = collections.OrderedDict()
+    self.free = list(range(n_slots))  # slots holding nothing servable
     self.n_slots = n_slots
     self.loads = self.evictions = 0
 
@@ -83,14 +82,15 @@ class SlotTable:
     for key in distinct:
       if key in self.slots:
         continue
-      if len(self.slots) < self.n_slots:
-        slot = len(self.slots)
-      else:
-        _, slot = self.slots.popitem(last=False)
-        self.evictions += 1
+      # Encoded before a slot is taken: a failure leaves the table as it was.
       ctx = scoring.encode_context(self.module, self.params, prompt_of(key), np.zeros(0, np.int32))
       if ctx.length > self.width:
         raise ValueError(f'a prompt of {ctx.length} positions exceeds the slot width {self.width}')
+      if self.free:
+        slot = self.free.pop()
+      else:
+        _, slot = self.slots.popitem(last=False)
+        self.evictions += 1
       pad = lambda a: jnp.pad(a[:, 0], ((0, 0), (0, self.width - ctx.length), (0, 0), (0, 0)))
       self.kv = _set_slot(self.kv, jnp.int32(slot), KV(pad(ctx.kv.k), pad(ctx.kv.v)))
       self.length[slot] = ctx.length
@@ -102,7 +102,10 @@ class SlotTable:
     return scoring.ContextTable(self.kv, jnp.asarray(self.length))
 
   def drop(self, key: str) -> None:
-    self.slots.pop(key, None)  # the slot's contents are overwritten by its next use
+    """Frees key's slot (its contents are overwritten by the slot's next use)."""
+    slot = self.slots.pop(key, None)
+    if slot is not None:
+      self.free.append(slot)
 
 
 @dataclasses.dataclass
@@ -127,7 +130,11 @@ class Engine:
 
   def __init__(self, workdir: str, *, step: int | None = None, store_dir: str = '',
                host_budget_bytes: int = 256 << 20, slots: int = 64,
-               device_budget_bytes: int = 1 << 30, max_rows: int = 64):
+               device_budget_bytes: int = 1 << 30, max_rows: int = 64, max_examples: int = 64,
+               max_input_tokens: int = 0, truncate_inputs: bool = False):
+    """max_input_tokens: tokens an input may have (0 or more than the run's max_example_len: that
+    length, which eval.py cuts its inputs to); longer inputs are refused (413) or, with
+    truncate_inputs, cut from the left as eval.py cuts them."""
     self.trained = tr = experiment.load_trained(workdir, step)
     self.lm, self.spec, self.tokenizer = tr.lm, tr.spec, tr.tokenizer
     cfg = tr.config
@@ -143,7 +150,10 @@ class Engine:
     n_slots = max(1, min(slots, device_budget_bytes // per_slot))
     self.slots = SlotTable(tr.lm.module, tr.lm.params, n_slots, width)
     self.max_rows = max_rows
+    self.max_examples = max_examples
     self.max_example_len = int(cfg.max_example_len)
+    self.max_input_tokens = min(max_input_tokens or self.max_example_len, self.max_example_len)
+    self.truncate_inputs = truncate_inputs
 
   # ------------------------------------------------------------------- prompts
 
@@ -152,8 +162,9 @@ class Engine:
     """(prompt_id, created, pgm_ms): one PGM pass over the examples, unless already stored."""
     if not isinstance(examples, (list, tuple)) or not examples:
       raise RequestError('examples', 'a non-empty list of {"input", "output"} objects')
-    if len(examples) > MAX_EXAMPLES:
-      raise RequestError('examples', f'{len(examples)} examples; at most {MAX_EXAMPLES}')
+    if len(examples) > self.max_examples:
+      raise RequestError('examples', f'{len(examples)} examples; at most {self.max_examples}',
+                         413)
     for i, e in enumerate(examples):
       if not isinstance(e, dict) or set(e) != {'input', 'output'}:
         raise RequestError(f'examples[{i}]', 'an object with exactly "input" and "output"')
@@ -175,16 +186,50 @@ class Engine:
     self.store.delete(pid, owner)
     self.slots.drop(pid)
 
+  # ------------------------------------------------------------------- requests
+
+  def _input_ids(self, text: str) -> list[int]:
+    return self.tokenizer(text, add_special_tokens=False)['input_ids']
+
+  def _check_length(self, field: str, n: int) -> None:
+    if n > self.max_input_tokens:
+      raise RequestError(field, f'{n} tokens; at most {self.max_input_tokens} (the server can '
+                         'cut longer inputs from the left: serve.py --truncate_inputs)', 413)
+
+  def check(self, r: ClassifyRequest | GenerateRequest) -> Prompt:
+    """The request's prompt, if the request can be served alone: raises the store's errors
+    (unknown, another owner's, corrupt) or RequestError naming the field at fault. The server
+    checks each request before batching, so one bad request never fails its batch."""
+    prompt = self.store.get(r.prompt_id, r.owner)
+    if isinstance(r, ClassifyRequest):
+      if not r.options or len(set(r.options)) != len(r.options):
+        raise RequestError('options', 'a non-empty list of distinct strings')
+      if not self.truncate_inputs:
+        for i, x in enumerate(r.inputs):
+          self._check_length(f'inputs[{i}]', len(self._input_ids(x)))
+      return prompt
+    n = len(self._input_ids(r.input))
+    if not self.truncate_inputs:
+      self._check_length('input', n)
+    n = min(n, self.max_input_tokens)
+    if not n:
+      raise RequestError('input', 'tokenises to nothing (generation needs at least a token)')
+    if gen._learned_positions(self.lm.module):  # a position table bounds prompt + input + output
+      limit = self.lm.config.max_len
+      if prompt.length + n + r.params.max_new_tokens - 1 > limit:
+        raise RequestError('max_new_tokens', f'the prompt ({prompt.length}) + input ({n} tokens)'
+                           f' + max_new_tokens ({r.params.max_new_tokens}) exceed the model\'s '
+                           f'{limit} positions')
+    return prompt
+
   # ------------------------------------------------------------------- classification
 
   def classify(self, requests: Sequence[ClassifyRequest]) -> list[np.ndarray]:
     """Per request, scores [n_inputs, n_options] (mean option NLL; the argmin wins), all
     requests' rows in shared calls. Unknown prompts raise the store's UnknownPrompt."""
-    rows, where = [], []
-    keys = []
     for r in requests:
-      self.store.get(r.prompt_id, r.owner)  # ownership and integrity, before any work
-      keys.append(r.prompt_id)
+      self.check(r)  # ownership, integrity and the request's own fields, before any work
+    keys = [r.prompt_id for r in requests]
     out = [np.zeros((len(r.inputs), len(r.options)), np.float32) for r in requests]
     # Chunks of at most n_slots distinct prompts (each call's prompts resident together).
     for start in range(0, len(requests), self.slots.n_slots):
@@ -198,8 +243,7 @@ class Engine:
                               self.tokenizer, self.max_example_len)
         job = scoring.Job(None, np.zeros(0, np.int32),
                           list(zip(q.input_first, q.input_rest, q.option_ids)), self.spec)
-        pairs, _, _ = scoring.job_rows(job)
-        for k, (_, query, y) in enumerate(pairs):
+        for k, (_, query, y) in enumerate(scoring.job_rows(job)):  # no X^L: start 0
           rows.append(scoring.Row(slot, query, y))
           where.append((i, k // len(r.options), k % len(r.options)))
       for s0 in range(0, len(rows), self.max_rows):
@@ -214,13 +258,10 @@ class Engine:
   # ------------------------------------------------------------------- generation
 
   def generate(self, requests: Sequence[GenerateRequest]) -> list[gen.GenerationResult]:
-    prompts = [self.store.get(r.prompt_id, r.owner) for r in requests]
-    ids = []
-    for r in requests:
-      toks = self.tokenizer(r.input, add_special_tokens=False)['input_ids']
-      if not toks:
-        raise RequestError('input', 'tokenises to nothing (generation needs at least a token)')
-      ids.append(toks)
+    if not requests:
+      return []
+    prompts = [self.check(r) for r in requests]
+    ids = [self._input_ids(r.input)[-self.max_input_tokens:] for r in requests]
     keys = jnp.stack([jax.random.key(r.seed) for r in requests])
     return gen.generate(self.lm.module, self.lm.params, prompts, ids,
                         [r.params for r in requests], rng=keys, tokenizer=self.tokenizer)
