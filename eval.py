@@ -12,7 +12,7 @@ import logging
 
 from absl import app, flags
 
-from metal_jax import run_eval
+from metal_jax import errors, run_eval, training
 
 flags.DEFINE_string('workdir', 'runs/default', 'the train.py run to evaluate')
 flags.DEFINE_list('split', [], '(n_P, n_L) as "16,0", "12,4" or "8,8"; default: the training split')
@@ -24,6 +24,7 @@ flags.DEFINE_list('hparams', [], 'method hyperparameters, e.g. "soft_prompt.lr=1
                   '(the fields of each method\'s Hparams; the paper\'s values by default)')
 flags.DEFINE_string('out', '', 'output directory; default WORKDIR/eval')
 flags.DEFINE_bool('progress', True, 'show a progress bar')
+flags.DEFINE_bool('debug', False, 'show the traceback of a user\'s mistake too')
 
 
 def main(argv):
@@ -31,9 +32,10 @@ def main(argv):
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
   logging.getLogger('absl').setLevel(logging.WARNING)
   f = flags.FLAGS
-  md = run_eval.main(workdir=f.workdir, split=f.split, seeds=f.seeds, methods=f.methods,
-                     hparams=f.hparams, bbt_budget=f.bbt_budget, out=f.out,
-                     progress=f.progress)
+  # A user's mistake (flag, data, checkpoint): its message alone, no traceback.
+  md = errors.run_cli('eval.py', run_eval.main, workdir=f.workdir, split=f.split, seeds=f.seeds,
+                      methods=f.methods, hparams=f.hparams, bbt_budget=f.bbt_budget, out=f.out,
+                      progress=f.progress, extra=(training.ResumeError,))
   print(md)
 
 

@@ -12,13 +12,13 @@ import os
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
 import configs
-from metal_jax import run_train, training
+from metal_jax import errors, run_train, training
 
-config_flags.DEFINE_config_file('config', 'configs/default.py', 'experiment config')
+errors.define_config_flag('train.py', 'configs/default.py')
 flags.DEFINE_string('workdir', 'runs/default', 'where checkpoints, metrics and data go')
+flags.DEFINE_bool('debug', False, 'show the traceback of a user\'s mistake too')
 
 
 def run(config, workdir: str) -> dict:
@@ -51,11 +51,13 @@ def main(argv):
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
   logging.getLogger('absl').setLevel(logging.WARNING)
   config = flags.FLAGS.config
-  try:
+
+  def start():
     config.setting = configs.setting_path(config.setting)  # the library reads paths only
-    summary = run(config, flags.FLAGS.workdir)
-  except (configs.UnknownSetting, training.ResumeError) as e:  # a user's mistake: the message, no traceback
-    sys.exit(f'train.py: {e}')
+    return run(config, flags.FLAGS.workdir)
+
+  # A user's mistake (data, config, flag, checkpoint): its message alone, no traceback.
+  summary = errors.run_cli('train.py', start, extra=(training.ResumeError,))
   if summary['preempted_at'] is None:  # (a preempted run has logged where it stopped)
     logging.info('done: %d steps, last %s; checkpoints in %s', summary['steps'], summary['last'],
                  summary['checkpoint_dir'])

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from metal_jax.errors import UserError
+
 SETTINGS_DIR = Path(__file__).resolve().parent / 'settings'
 
 
-class UnknownSetting(ValueError):
+class UnknownSetting(UserError):
   """A setting name that is neither a shipped setting nor an existing file."""
 
 

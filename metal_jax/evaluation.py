@@ -27,6 +27,7 @@ from metal_jax import pgm
 from metal_jax.data.episodes import (EpisodeSpec, build_pgm_half, collate_pgm, concat_examples,
                                      pgm_length)
 from metal_jax.data.tasks import DataError, TokenizedTask, load_tokenized, task_file
+from metal_jax.errors import FlagError
 from metal_jax.serving import scoring
 
 # ----------------------------------------------------------------------------- metrics
@@ -155,7 +156,8 @@ def load_task_seeds(data_dir: str, tasks: Sequence[str], seeds: Sequence[int], t
 def split_indices(n_prompt: int, n_lm: int, k: int = 16) -> tuple[list[int], list[int]]:
   """The k train examples split into X^P (first n_P) and X^L (the next n_L)."""
   if n_prompt + n_lm > k:
-    raise ValueError(f'split ({n_prompt}, {n_lm}) needs more than the {k} examples')
+    raise FlagError(f'--split={n_prompt},{n_lm}: needs {n_prompt + n_lm} examples; each test task '
+                    f'has {k}')
   return list(range(n_prompt)), list(range(n_prompt, n_prompt + n_lm))
 
 
@@ -189,8 +191,8 @@ def evaluate(lm, pgm_cfg, trainable, task_seeds: Sequence[TaskSeed], spec: Episo
   tasks = list(dict.fromkeys(ts.task for ts in task_seeds))
   names = [name for name, _, _ in methods]
   if 'metal_shuffled' in names and len(tasks) < 2:
-    raise ValueError('the metal_shuffled control needs at least 2 test tasks (it reads X^P from '
-                     'another task)')
+    raise FlagError('--methods: the metal_shuffled control needs at least 2 test tasks (it '
+                    'reads X^P from another task)')
   by_key = {(ts.task, ts.seed): ts for ts in task_seeds}
   # The control: X^P taken from the next test task (same seed).
   others = {(ts.task, ts.seed): by_key[(tasks[(tasks.index(ts.task) + 1) % len(tasks)], ts.seed)].train

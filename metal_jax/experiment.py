@@ -16,11 +16,13 @@ import ml_collections
 from jax.experimental import multihost_utils
 
 from metal_jax import lora, pgm, sharding, training
+from metal_jax.errors import FlagError
 from metal_jax.data import synthetic
 from metal_jax.data.episodes import EpisodeSpec
 from metal_jax.data.tasks import DataError, load_setting, load_tokenized, meta_train_file
 from metal_jax.models import GPT2Config
-from metal_jax.models.hf import LoadedLM, load_lm, load_tokenizer, read_hf_config, resolve
+from metal_jax.models.hf import (CheckpointError, LoadedLM, load_lm, load_tokenizer,
+                                 read_hf_config, resolve)
 from metal_jax.models import config_from_hf, module_for
 from metal_jax.models.layers import REMAT_POLICIES
 from metal_jax.pretrain import PretrainConfig, pretrain
@@ -34,7 +36,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Start-up checks with messages naming the --config field."""
   def need(cond, field, msg):
     if not cond:
-      raise ValueError(f'--config.{field}={config_get(config, field)!r}: {msg}')
+      raise FlagError(f'--config.{field}={config_get(config, field)!r}: {msg}')
   need(config.batch_size > 0, 'batch_size', 'must be positive')
   need(config.n_prompt_examples >= 1, 'n_prompt_examples', 'must be >= 1')
   need(config.n_lm_examples >= 0, 'n_lm_examples', 'must be >= 0')
@@ -44,7 +46,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(config.dtype in ('float32', 'bfloat16'), 'dtype', 'float32 or bfloat16')
   need(isinstance(config.remat, bool) or config.remat in REMAT_POLICIES, 'remat',
        f'choose one of {list(REMAT_POLICIES)}')
+  need(config.num_steps >= 0, 'num_steps', 'must be >= 0 (0: epochs decide)')
+  need(config.epochs >= 0, 'epochs', 'must be >= 0')
   need(config.num_steps > 0 or config.epochs > 0, 'epochs', 'set epochs or num_steps')
+  k = 16  # examples per test task (MetaICL's k): eval splits them into n_P + n_L
+  need(config.n_prompt_examples + config.n_lm_examples <= k, 'n_prompt_examples',
+       f'n_prompt_examples + n_lm_examples = '
+       f'{config.n_prompt_examples + config.n_lm_examples}: eval.py splits the {k} examples of '
+       f'each test task, so at most {k}')
   need(config.get('prefetch', 0) >= 0, 'prefetch', 'must be >= 0 (0: no thread)')
 
 
@@ -133,10 +142,18 @@ def make_trainer(config, module, mesh, param_shardings, steps: int) -> training.
                                param_shardings, steps, config.optim.accum_steps)
 
 
-def load_model(config, ckpt_dir: str, mesh) -> tuple[LoadedLM, object]:
-  """The frozen LM, each tensor placed on the mesh as it is read; and the param shardings."""
+def load_model(config, ckpt_dir: str, mesh, tokenizer=None) -> tuple[LoadedLM, object]:
+  """The frozen LM, each tensor placed on the mesh as it is read; and the param shardings.
+  A vocabulary that is empty or smaller than the tokenizer's is refused before any weight."""
   compute = compute_settings(config)
   lm_cfg = config_from_hf(read_hf_config(ckpt_dir), **compute)
+  if lm_cfg.vocab_size <= 0:
+    raise CheckpointError(f'{os.path.join(ckpt_dir, "config.json")}: vocab_size '
+                          f'{lm_cfg.vocab_size}; a model needs a vocabulary')
+  if tokenizer is not None and len(tokenizer) > lm_cfg.vocab_size:
+    raise CheckpointError(f'{os.path.join(ckpt_dir, "config.json")}: vocab_size '
+                          f'{lm_cfg.vocab_size} is smaller than the tokenizer\'s {len(tokenizer)} '
+                          'ids (a tokenizer and model that do not belong together)')
   shardings = sharding.param_shardings(module_for(lm_cfg), mesh)
   lm = load_lm(ckpt_dir, shardings=shardings, **compute)
   return lm, shardings
@@ -176,7 +193,7 @@ def setup(config, workdir: str) -> Setup:
     if jax.process_index() != 0:
       data_dir, setting, tokenizer, tasks, lm_dir = prepare()
   mesh = sharding.make_mesh(config.mesh.to_dict())
-  lm, param_sh = load_model(config, lm_dir, mesh)
+  lm, param_sh = load_model(config, lm_dir, mesh, tokenizer)
   return Setup(data_dir, setting, tokenizer, tasks, lm_dir, mesh, lm, param_sh,
                pgm_config(config), episode_spec(config, lm.config))
 
@@ -204,7 +221,7 @@ def load_trained(workdir: str, step: int | None = None) -> Trained:
   ckpt = (os.path.join(workdir, 'base_lm') if config.model == BUILTIN
           else model_source(config, workdir))
   mesh = sharding.make_mesh(config.mesh.to_dict())  # the run's own mesh
-  lm, _ = load_model(config, ckpt, mesh)
+  lm, _ = load_model(config, ckpt, mesh, tokenizer)
   cfg = pgm_config(config)
   trainable, _ = training.restore_trainable(workdir, lm.config, cfg, step)
   return Trained(workdir, step, config, tokenizer, mesh, lm, cfg,

@@ -14,6 +14,7 @@ import dataclasses
 from typing import Any, ClassVar, Sequence
 
 from metal_jax import evaluation
+from metal_jax.errors import FlagError
 from metal_jax.baselines import bbtv2, metal_tune, p_tuning, prefix_tuning, soft_prompt
 from metal_jax.evaluation import Context, MethodOutput, TaskSeed
 
@@ -124,7 +125,7 @@ def resolve(names: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     names = list(REGISTRY)
   unknown = [n for n in names if n not in REGISTRY]
   if unknown:
-    raise ValueError(f'--methods: unknown {unknown}; known: {list(REGISTRY)}')
+    raise FlagError(f'--methods: unknown {unknown}; known: {list(REGISTRY)}')
   missing = {n: REGISTRY[n].not_implemented for n in names if REGISTRY[n].not_implemented}
   return [n for n in names if n not in missing], missing
 
@@ -138,18 +139,18 @@ def hparams_from(overrides: Sequence[str], base: dict[str, Any] | None = None) -
     key, sep, value = item.partition('=')
     method, dot, field = key.strip().partition('.')
     if not sep or not dot:
-      raise ValueError(f'--hparams={item!r}: expected method.field=value')
+      raise FlagError(f'--hparams={item!r}: expected method.field=value')
     if method not in out:
-      raise ValueError(f'--hparams={item!r}: unknown method {method!r} (known: {sorted(out)})')
+      raise FlagError(f'--hparams={item!r}: unknown method {method!r} (known: {sorted(out)})')
     hp = out[method]
     names = [f.name for f in dataclasses.fields(hp)]
     if field not in names:
-      raise ValueError(f'--hparams={item!r}: {method} has no hyperparameter {field!r} '
+      raise FlagError(f'--hparams={item!r}: {method} has no hyperparameter {field!r} '
                        f'(its hyperparameters: {names})')
     kind = type(getattr(hp, field))
     try:
       parsed = kind(value) if kind is not bool else value.lower() in ('1', 'true', 'yes')
-    except ValueError as e:
-      raise ValueError(f'--hparams={item!r}: {field} takes a {kind.__name__}') from e
+    except ValueError:
+      raise FlagError(f'--hparams={item!r}: {field} takes a {kind.__name__}') from None
     out[method] = dataclasses.replace(hp, **{field: parsed})
   return out

@@ -10,6 +10,7 @@ import time
 from typing import Sequence
 
 from metal_jax import evaluation, experiment
+from metal_jax.errors import FlagError
 from metal_jax import methods as methods_lib
 
 log = logging.getLogger('metal_jax')
@@ -19,7 +20,7 @@ def parse_ints(items: Sequence[str], flag: str) -> list[int]:
   try:
     return [int(x) for x in items]
   except ValueError as e:
-    raise ValueError(f'--{flag}={",".join(items)}: expected comma-separated integers') from e
+    raise FlagError(f'--{flag}={",".join(items)}: expected comma-separated integers') from None
 
 
 def main(*, workdir: str, split: Sequence[str] = (), seeds: Sequence[str] = ('100', '13', '21', '42'),
@@ -33,7 +34,7 @@ def main(*, workdir: str, split: Sequence[str] = (), seeds: Sequence[str] = ('10
   split_t = tuple(parse_ints(split, 'split')) if split else (
       config.n_prompt_examples, config.n_lm_examples)
   if len(split_t) != 2:
-    raise ValueError(f'--split={",".join(split)}: expected "n_P,n_L"')
+    raise FlagError(f'--split={",".join(split)}: expected "n_P,n_L"')
   # BBTv2's budget: the flag, else the run config's eval.bbt_budget, else the method default;
   # then --hparams=method.field=value on top.
   bbt_budget = bbt_budget or int(config.get('eval', {}).get('bbt_budget', 0))

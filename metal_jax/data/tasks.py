@@ -14,15 +14,18 @@ import hashlib
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
+
+from metal_jax.errors import UserError
 
 META_TRAIN_K, META_TRAIN_SEED = 16384, 100  # MetaICL's names for meta-training files
 REQUIRED_KEYS = ('task', 'input', 'output', 'options')
 
 
-class DataError(ValueError):
+class DataError(UserError):
   """Bad task data or settings; the message names the file (and line, or task)."""
 
 
@@ -43,11 +46,16 @@ def validate_jsonl(path: str) -> int:
   if not os.path.exists(path):
     raise DataError(f'{path}: task file not found')
   n = 0
-  with open(path, encoding='utf-8') as f:
-    for lineno, line in enumerate(f, 1):
+  with open(path, 'rb') as f:
+    for lineno, raw in enumerate(f, 1):
+      where = f'{path}:{lineno}'
+      try:
+        line = raw.decode('utf-8')
+      except UnicodeDecodeError as e:
+        raise DataError(f'{where}: not UTF-8 (byte {e.start} of the line, '
+                        f'{raw[e.start:e.start + 1]!r})') from None
       if not line.strip():
         continue
-      where = f'{path}:{lineno}'
       try:
         dp = json.loads(line)
       except json.JSONDecodeError as e:
@@ -189,15 +197,36 @@ def load_tokenized(path: str, tokenizer, cache_dir: str, max_example_len: int = 
   # content key so that a file rewritten with its old mtime is never served stale.
   ds = datasets.load_dataset('json', data_files=path, split='train',
                              cache_dir=os.path.join(cache_dir, 'json', key))
-  tmp = cache_file + '.tmp'
+  # A name of this writer's own: concurrent processes tokenising one file never share it.
+  tmp = f'{cache_file}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}'
   ds = ds.map(_tokenize_batch, batched=True, batch_size=1024, cache_file_name=tmp,
               load_from_cache_file=False, new_fingerprint=key,
               fn_kwargs={'tokenizer': tokenizer, 'max_example_len': max_example_len})
   columns = ds.to_dict()
   del ds
+  try:
+    check_tokens(path, columns)
+  except DataError:
+    os.remove(tmp)
+    raise
   os.replace(tmp, cache_file)
   shutil.rmtree(os.path.join(cache_dir, 'json', key), ignore_errors=True)
   return TokenizedTask(path, columns, key)
+
+
+def check_tokens(path: str, columns: dict) -> None:
+  """Every example has input and output tokens (a zero-token one cannot be read or scored,
+  e.g. under a mis-built tokenizer); the error names the file's line."""
+  lines = None
+  for i, (x, y) in enumerate(zip(columns['input_first'], columns['output_ids'])):
+    if len(x) and len(y):
+      continue
+    if lines is None:  # the line numbers of the examples (blank lines are skipped)
+      with open(path, 'rb') as f:
+        lines = [n for n, raw in enumerate(f, 1) if raw.strip()]
+    what = 'input' if not len(x) else 'output'
+    raise DataError(f'{path}:{lines[i]}: the {what} tokenises to zero tokens (an empty string, or '
+                    'a tokenizer that does not cover the text)')
 
 
 def tokenize_examples(examples: list[dict], tokenizer, max_example_len: int = 256,

@@ -22,6 +22,7 @@ import flax.linen as nn
 import numpy as np
 from flax import traverse_util
 
+from metal_jax.errors import UserError
 from metal_jax.models import REGISTRY, config_from_hf, module_for
 from metal_jax.models.base import DTYPES, CausalLM
 
@@ -32,7 +33,7 @@ TORCH_FILE = 'pytorch_model.bin'
 TORCH_INDEX = 'pytorch_model.bin.index.json'
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
   """A checkpoint that cannot be loaded as asked; the message names the file and the key."""
 
 
@@ -265,10 +266,19 @@ def resolve(path_or_hub_id: str) -> str:
     return path_or_hub_id
   if os.path.exists(path_or_hub_id) or path_or_hub_id.startswith(('/', './', '../', '~')):
     raise CheckpointError(f'{path_or_hub_id}: not a checkpoint directory')
+  head = path_or_hub_id.split('/')[0]
+  if path_or_hub_id.count('/') > 1 or (head != path_or_hub_id and os.path.isdir(head)):
+    # A hub id is NAME or OWNER/NAME: this is a relative path that does not exist.
+    raise CheckpointError(f'{path_or_hub_id}: no such directory')
   from huggingface_hub import snapshot_download
-  return snapshot_download(
-      path_or_hub_id,
-      allow_patterns=['*.json', '*.safetensors', '*.model', '*.txt', 'tokenizer*'])
+  try:
+    return snapshot_download(
+        path_or_hub_id,
+        allow_patterns=['*.json', '*.safetensors', '*.model', '*.txt', 'tokenizer*'])
+  except Exception as e:  # offline, unknown repository, gated: one line, not the network stack
+    first = (str(e).strip().splitlines() or [''])[0][:200]
+    raise CheckpointError(f'{path_or_hub_id}: not a local directory, and fetching it as a hub '
+                          f'id failed ({type(e).__name__}: {first})') from e
 
 
 def load_params(directory: str, config, shardings=None) -> dict:
