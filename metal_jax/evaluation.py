@@ -27,7 +27,7 @@ from metal_jax import pgm
 from metal_jax.data.episodes import (EpisodeSpec, build_pgm_half, collate_pgm, concat_examples,
                                      pgm_length)
 from metal_jax.data.tasks import DataError, TokenizedTask, load_tokenized, task_file
-from metal_jax.errors import FlagError
+from metal_jax.errors import FlagError, UserError
 from metal_jax.serving import scoring
 
 # ----------------------------------------------------------------------------- metrics
@@ -97,7 +97,23 @@ def score_options(module, params, prompt: pgm.Prompt | None, demos: TokenizedTas
   return score_tasks(module, params, [task_job(prompt, demos, demo_idx, queries, spec)], rows)[0]
 
 
-def predict(scores: list[np.ndarray], queries: TokenizedTask) -> list[str]:
+class NonFiniteScores(UserError):
+  """Option scores with a NaN or inf (a diverged PGM, say): no prediction or F1 is made from them.
+  The message names the method, task and seed."""
+
+
+def predict(scores: list[np.ndarray], queries: TokenizedTask, *, method: str = '',
+            task: str = '', seed: int | str = '') -> list[str]:
+  """The option with the lowest score (mean NLL) of each query. Scores that are not all finite
+  raise NonFiniteScores naming method, task and seed (np.argmin would pick option 0 of a NaN)."""
+  bad = [q for q, s in enumerate(scores) if not np.all(np.isfinite(np.asarray(s, np.float64)))]
+  if bad:
+    named = (('method', method), ('task', task or getattr(queries, 'path', '')), ('seed', seed))
+    where = ', '.join(f'{k} {v}' for k, v in named if v != '')
+    raise NonFiniteScores(
+        f'{where}: {len(bad)} of {len(scores)} queries have non-finite option scores (query '
+        f'{bad[0]}: {[float(x) for x in np.asarray(scores[bad[0]]).ravel()]}); no prediction or '
+        'F1 is computed from them. A diverged PGM checkpoint? (metrics.jsonl shows its loss)')
   return [queries.raw['options'][q][int(np.argmin(s))] for q, s in enumerate(scores)]
 
 
@@ -138,14 +154,18 @@ class MethodOutput:
   note: str = ''
 
 
-def load_task_seeds(data_dir: str, tasks: Sequence[str], seeds: Sequence[int], tokenizer,
+def load_task_seeds(data_dir, tasks: Sequence[str], seeds: Sequence[int], tokenizer,
                     cache_dir: str, max_example_len: int, k: int = 16) -> list[TaskSeed]:
+  """Each test task's k-shot train and test files per seed; data_dir: a tasks.TaskLocator
+  (experiment.data_location's) or one data directory."""
+  from metal_jax.data.tasks import TaskLocator
+  locator = TaskLocator.of(data_dir)
   out = []
   for task in tasks:
     for seed in seeds:
-      train = load_tokenized(task_file(data_dir, task, k, seed, 'train'), tokenizer, cache_dir,
+      train = load_tokenized(locator.task_file(task, k, seed, 'train'), tokenizer, cache_dir,
                              max_example_len)
-      test = load_tokenized(task_file(data_dir, task, k, seed, 'test'), tokenizer, cache_dir,
+      test = load_tokenized(locator.task_file(task, k, seed, 'test'), tokenizer, cache_dir,
                             max_example_len)
       if len(train) < k:
         raise DataError(f'{train.path}: {len(train)} examples, the protocol needs {k}')
@@ -226,7 +246,7 @@ def evaluate(lm, pgm_cfg, trainable, task_seeds: Sequence[TaskSeed], spec: Episo
       for ts, scores in zip(task_seeds, all_scores):
         if ts.task != task:
           continue
-        preds = predict(scores, ts.test)
+        preds = predict(scores, ts.test, method=method, task=task, seed=ts.seed)
         golds = list(ts.test.raw['output'])
         seeds[str(ts.seed)] = metrics(preds, golds)
         write_predictions(os.path.join(out_dir, 'predictions', method, f'{task}_{ts.seed}.jsonl'),

@@ -19,7 +19,8 @@ from metal_jax import lora, pgm, sharding, training
 from metal_jax.errors import FlagError
 from metal_jax.data import synthetic
 from metal_jax.data.episodes import EpisodeSpec
-from metal_jax.data.tasks import DataError, load_setting, load_tokenized, meta_train_file
+from metal_jax.data.tasks import (DataError, TaskLocator, load_setting, load_tokenized,
+                                  split_data_dirs)
 from metal_jax.models import GPT2Config
 from metal_jax.models.hf import (CheckpointError, LoadedLM, load_lm, load_tokenizer,
                                  read_hf_config, resolve)
@@ -77,15 +78,31 @@ def optim_config(config) -> OptimConfig:
   return OptimConfig(**config.optim.to_dict())
 
 
-def data_location(config, workdir: str) -> tuple[str, dict]:
-  """(data_dir, setting): the synthetic suite (written into the workdir) or the configured data."""
-  if not config.data_dir:
+def data_location(config, workdir: str) -> tuple[TaskLocator, dict]:
+  """(locator, setting): where each task's files are, and the setting.
+
+  --config.data_dir is one directory or several separated by commas (searched in order; a task
+  in two of them is an error naming both); the setting's "dirs" map places single tasks. With
+  data_dir '' the synthetic suite is written into the workdir, unless --config.setting has
+  "dirs" (then those directories alone). A one-directory locator is os.PathLike for it.
+  """
+  dirs = split_data_dirs(config.data_dir)
+  for d in dirs:
+    if not os.path.isdir(d):
+      what = '' if d == config.data_dir else f' {d!r}:'
+      raise DataError(f'--config.data_dir={config.data_dir!r}:{what} no such directory')
+  setting = load_setting(config.setting) if dirs or config.setting else {}
+  if not dirs and not setting.get('dirs'):
     data_dir = os.path.join(workdir, 'data')
     setting = synthetic.write_suite(data_dir, **config.synthetic.to_dict())
-    return data_dir, setting
-  if not os.path.isdir(config.data_dir):
-    raise DataError(f'--config.data_dir={config.data_dir!r}: no such directory')
-  return config.data_dir, load_setting(config.setting)
+    return TaskLocator(data_dir), setting
+  for task, d in setting.get('dirs', {}).items():
+    if not os.path.isdir(d):
+      raise DataError(f'{config.setting}: "dirs" places task {task!r} in {d}: no such directory')
+  locator = TaskLocator(dirs, setting.get('dirs'))
+  for task in setting['train'] + setting['test']:  # a task in two directories, or none: now
+    locator.dir(task)
+  return locator, setting
 
 
 def model_limit(config, lm_config) -> int:
@@ -98,11 +115,13 @@ def episode_spec(config, lm_config) -> EpisodeSpec:
                      max_len=model_limit(config, lm_config))
 
 
-def meta_train_tasks(config, data_dir: str, setting: dict, tokenizer, workdir: str):
+def meta_train_tasks(config, data_dir, setting: dict, tokenizer, workdir: str):
+  """The setting's meta-train tasks, tokenised; data_dir: a TaskLocator or one directory."""
   cache = os.path.join(workdir, 'cache', 'tokenized')
+  locator = TaskLocator.of(data_dir)
   tasks = []
   for name in setting['train']:
-    t = load_tokenized(meta_train_file(data_dir, name), tokenizer, cache, config.max_example_len)
+    t = load_tokenized(locator.meta_train_file(name), tokenizer, cache, config.max_example_len)
     if config.max_examples_per_task and len(t) > config.max_examples_per_task:
       t.truncate(config.max_examples_per_task)
     tasks.append(t)
@@ -137,9 +156,11 @@ def compute_settings(config) -> dict:
 
 
 def make_trainer(config, module, mesh, param_shardings, steps: int) -> training.Trainer:
-  """training.make_trainer with the run config's optimizer, PGM and accumulation."""
+  """training.make_trainer with the run config's optimizer, PGM, accumulation and
+  skip_nonfinite_steps."""
   return training.make_trainer(optim_config(config), pgm_config(config), module, mesh,
-                               param_shardings, steps, config.optim.accum_steps)
+                               param_shardings, steps, config.optim.accum_steps,
+                               skip_nonfinite=bool(config.get('skip_nonfinite_steps', False)))
 
 
 def load_model(config, ckpt_dir: str, mesh, tokenizer=None) -> tuple[LoadedLM, object]:

@@ -2,7 +2,10 @@
 
 A data directory holds `{task}/{task}_{k}_{seed}_{split}.jsonl`, one
 {"task", "input", "output", "options"} object a line. A setting is MetaICL's
-{"train": [tasks], "test": [tasks]}. Files are validated line by line (the
+{"train": [tasks], "test": [tasks]}, optionally with "dirs": {task: directory}.
+A TaskLocator finds each task's directory among several data directories
+(searched in order; a task in two of them is an error) or in the setting's
+"dirs". Files are validated line by line (the
 error names the file and line), then read through HF `datasets` and tokenised
 once: the tokenised examples are cached next to the run, keyed by the file's
 content and the tokenizer, so a second run does not tokenise again.
@@ -35,6 +38,81 @@ def task_file(data_dir: str, task: str, k: int, seed: int, split: str) -> str:
 
 def meta_train_file(data_dir: str, task: str) -> str:
   return task_file(data_dir, task, META_TRAIN_K, META_TRAIN_SEED, 'train')
+
+
+def split_data_dirs(data_dir: str) -> list[str]:
+  """`--config.data_dir`'s directories: one, or several separated by commas, in order (blanks and
+  repeats dropped)."""
+  return list(dict.fromkeys(d.strip() for d in data_dir.split(',') if d.strip()))
+
+
+class TaskLocator:
+  """Where a task's files are: data directories searched in order, and a per-task map.
+
+  A task named in `dir_map` (a setting's "dirs") is read from that directory alone. Any other
+  task is looked for as a subdirectory `{dir}/{task}` of each of `data_dirs`; one found in two
+  of them is a DataError naming the task and both directories (keep one copy, or name the one
+  to use in "dirs"); one found in none is a DataError naming the directories searched. With a
+  single data directory and no map nothing is searched: paths are `task_file(dir, ...)` exactly
+  (a missing file is reported by whoever reads it), and the locator is os.PathLike for that
+  directory, so code that joins paths onto one data directory keeps working.
+  """
+
+  def __init__(self, data_dirs, dir_map: dict[str, str] | None = None):
+    self.data_dirs = (data_dirs,) if isinstance(data_dirs, (str, os.PathLike)) else tuple(data_dirs)
+    self.data_dirs = tuple(os.fspath(d) for d in self.data_dirs)
+    self.dir_map = {t: os.fspath(d) for t, d in (dir_map or {}).items()}
+    self._found: dict[str, str] = {}
+
+  @classmethod
+  def of(cls, where) -> 'TaskLocator':
+    """A locator as is; a path (str / os.PathLike): that one directory (no comma splitting)."""
+    return where if isinstance(where, cls) else cls(where)
+
+  def dir(self, task: str) -> str:
+    """The data directory holding task's files."""
+    if task in self.dir_map:
+      return self.dir_map[task]
+    if task in self._found:
+      return self._found[task]
+    if len(self.data_dirs) == 1:
+      return self.data_dirs[0]
+    hits = [d for d in self.data_dirs if os.path.isdir(os.path.join(d, task))]
+    if len(hits) > 1:
+      raise DataError(f'task {task!r} is in two data directories, {hits[0]} and {hits[1]}: keep '
+                      'one copy, or name the directory to use in the setting\'s "dirs"')
+    if not hits:
+      where = (f'data directories {", ".join(self.data_dirs)}' if self.data_dirs
+               else 'no data directory (--config.data_dir is empty)')
+      raise DataError(f'task {task!r}: no {task}/ in {where}, nor in the setting\'s "dirs"')
+    self._found[task] = hits[0]
+    return hits[0]
+
+  def task_file(self, task: str, k: int, seed: int, split: str) -> str:
+    return task_file(self.dir(task), task, k, seed, split)
+
+  def meta_train_file(self, task: str) -> str:
+    return meta_train_file(self.dir(task), task)
+
+  def __fspath__(self) -> str:
+    if len(self.data_dirs) == 1 and not self.dir_map:
+      return self.data_dirs[0]
+    raise TypeError(f'{self!r} is several directories, not one path: use .dir(task) or '
+                    '.task_file(...)')
+
+  def __str__(self) -> str:
+    parts = list(self.data_dirs) + [f'{t}={d}' for t, d in sorted(self.dir_map.items())]
+    return ','.join(parts)
+
+  def __repr__(self) -> str:
+    return f'TaskLocator({list(self.data_dirs)!r}, {self.dir_map!r})'
+
+  def __eq__(self, other) -> bool:
+    return (isinstance(other, TaskLocator) and self.data_dirs == other.data_dirs
+            and self.dir_map == other.dir_map)
+
+  def __hash__(self) -> int:
+    return hash((self.data_dirs, tuple(sorted(self.dir_map.items()))))
 
 
 def validate_jsonl(path: str) -> int:
@@ -82,6 +160,9 @@ def load_setting(path: str) -> dict[str, list[str]]:
   """A setting file ({"train": [...], "test": [...]}); refuses overlapping train/test tasks.
 
   Takes a path: shipped settings' names are resolved on the config side (configs.setting_path).
+  An optional "dirs" ({task: directory}, relative paths from the setting file's directory) is
+  returned as the absolute map under "dirs" (a TaskLocator's dir_map); without it the result
+  has "train" and "test" only.
   """
   path = Path(path)
   if not path.is_file():
@@ -101,7 +182,18 @@ def load_setting(path: str) -> dict[str, list[str]]:
   overlap = sorted(set(setting['train']) & set(setting['test']))
   if overlap:
     raise DataError(f'{path}: meta-train and test tasks must be disjoint; both list {overlap}')
-  return {'train': list(setting['train']), 'test': list(setting['test'])}
+  out = {'train': list(setting['train']), 'test': list(setting['test'])}
+  if 'dirs' in setting:
+    dirs = setting['dirs']
+    if not isinstance(dirs, dict) or not all(isinstance(d, str) and d for d in dirs.values()):
+      raise DataError(f'{path}: "dirs" must map task names to directories')
+    unknown = sorted(set(dirs) - set(out['train']) - set(out['test']))
+    if unknown:
+      raise DataError(f'{path}: "dirs" names tasks that are in neither "train" nor "test": '
+                      f'{unknown}')
+    base = path.resolve().parent
+    out['dirs'] = {t: str(base / os.path.expanduser(d)) for t, d in dirs.items()}
+  return out
 
 
 # ----------------------------------------------------------------------------- tokenisation
