@@ -32,6 +32,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.lora = ml_collections.ConfigDict(dict(rank=16, alpha=16.0, targets='q,k,v,o'))
 
   c.batch_size = 16  # episodes per step (global)
+  # A non-finite loss or gradient stops the run (no checkpoint of it is written); True: such a
+  # step is skipped (not applied), counted in metrics.jsonl's skipped_steps and logged.
+  c.skip_nonfinite_steps = False
   c.prefetch = 2  # batches built (and put on the mesh) ahead of the step in a thread; 0 = none
   c.epochs = 0  # passes over the meta-train examples; num_steps > 0 overrides
   c.num_steps = 400

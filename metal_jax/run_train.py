@@ -9,6 +9,7 @@ exactly that step; bench/input_pipeline.py times `batch_loader`, what feeds it).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -73,14 +74,29 @@ class MetricWriter:
 
 
 def truncate_metrics(workdir: str, after_step: int) -> None:
-  """On resume, drop metric rows past the restored step (they will be written again)."""
+  """On resume, drop metric rows past the restored step (they will be written again), and any
+  line that does not parse (a partial last line: the previous run was killed mid-write), with a
+  warning naming it."""
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
     return
-  with open(path) as f:
-    rows = [line for line in f if line.strip() and json.loads(line)['step'] <= after_step]
+  rows, dropped = [], []
+  with open(path, encoding='utf-8', errors='replace') as f:
+    for i, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        step = int(json.loads(line)['step'])
+      except (ValueError, KeyError, TypeError):
+        dropped.append(i)
+        continue
+      if step <= after_step:
+        rows.append(line if line.endswith('\n') else line + '\n')
+  if dropped:
+    log.warning('%s: dropped %d unreadable line(s) (line %s; a run killed mid-write)', path,
+                len(dropped), ', '.join(map(str, dropped[:5])))
   tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
+  with open(tmp, 'w', encoding='utf-8') as f:
     f.writelines(rows)
   os.replace(tmp, path)
 
@@ -143,10 +159,13 @@ def train(config, workdir: str) -> dict:
                                      save_every=config.save_every, keep=config.keep_checkpoints,
                                      async_save=config.async_checkpoints)
   cfg_json = experiment.config_json(config)
-  start = mngr.latest_step()
-  if start is not None:  # refused before any data or model is prepared
-    training.check_resume_config(training.saved_config(mngr, start), cfg_json,
-                                 str(mngr.directory))
+  skip_nonfinite = bool(config.get('skip_nonfinite_steps', False))
+  on_disk = mngr.all_steps()
+  start = None
+  if on_disk:  # the newest intact checkpoint's config; refused before anything is prepared
+    start, saved = training.newest_intact(mngr, on_disk,
+                                          functools.partial(training.saved_config, mngr))
+    training.check_resume_config(saved, cfg_json, str(mngr.directory))
   run = experiment.setup(config, workdir)
   tasks, mesh, lm = run.tasks, run.mesh, run.lm
 
@@ -156,12 +175,28 @@ def train(config, workdir: str) -> dict:
   trainer = experiment.make_trainer(config, lm.module, mesh, run.param_shardings, steps)
   state = trainer.init(jax.random.key(config.seed))
   step_fn, schedule = trainer.step_fn, trainer.schedule
+  skipped = 0  # non-finite steps skipped (skip_nonfinite_steps), this run and those it resumes
   if start is not None:
-    state, data_state = training.restore_checkpoint(mngr, start, training.abstract_like(state))
+    abstract = training.abstract_like(state)
+
+    def restore(step):  # (an older checkpoint than the one checked above: its config too)
+      training.check_resume_config(training.saved_config(mngr, step), cfg_json,
+                                   str(mngr.directory))
+      return training.restore_checkpoint(mngr, step, abstract)
+
+    # The newest checkpoint that verifies, restores and is finite; broken ones are skipped.
+    start, (state, data_state) = training.newest_intact(
+        mngr, [s for s in on_disk if s <= start], restore)
+    skipped = int(data_state.pop('nonfinite_skipped', 0))
     sampler.restore(data_state, where=str(mngr.directory))
+    newer = [s for s in mngr.all_steps() if s > start]
+    if newer:  # broken: out of the way, so that the run writes these steps again
+      training.set_aside(mngr, newer)
     if lead:
       truncate_metrics(workdir, start)
       log.info('resuming from the checkpoint at step %d in %s', start, mngr.directory)
+  elif lead:
+    truncate_metrics(workdir, 0)  # rows of an earlier attempt that saved no checkpoint
   counts = parameter_counts(lm.params, state['trainable'])
   if lead:
     log.info('mesh %s over %d devices (%d processes)', dict(mesh.shape), mesh.size,
@@ -179,41 +214,84 @@ def train(config, workdir: str) -> dict:
   compile_s = None
   stop = min(config.stop_at, steps) if config.stop_at else steps
   preempted = None
+  saver = training.CheckpointSaver(mngr, config.async_checkpoints)
+  # The steps' non-finite flags (device scalars), read only when the host reads anyway: at a log
+  # step, and before every save, so that no checkpoint holds a diverged state.
+  unread: list[tuple[int, jax.Array]] = []
+
+  def check_finite(now: int) -> None:
+    nonlocal skipped
+    flags = jax.device_get([f for _, f in unread])
+    bad = [st for (st, _), f in zip(unread, flags) if f > 0]
+    unread.clear()
+    if not bad:
+      return
+    if not skip_nonfinite:  # stop: nothing of this state is saved; the last save is finished
+      saver.finish()
+      raise training.DivergenceError(bad[0], mngr.latest_step(), str(mngr.directory), now)
+    skipped += len(bad)
+    if lead:
+      log.warning('skipped %d non-finite step(s) (their updates not applied): %s; %d so far',
+                  len(bad), ', '.join(map(str, bad[:10])), skipped)
+
+  def data_state() -> dict:
+    return {**sampler.state(), 'nonfinite_skipped': skipped} if skip_nonfinite else sampler.state()
+
   # Batches for steps first..stop-1, built (and put on the mesh) up to config.prefetch steps
   # ahead; leaving the block stops the thread (stop_at, preemption, an exception).
   load = batch_loader(sampler, mesh)
-  with PreemptionWatch() as watch, Prefetcher(load, first, stop, config.prefetch) as batches:
-    for s in bar:
-      if s >= stop:  # a time-boxed job: stop here, resume later with the same config
-        break
-      local, batch = next(batches)
-      sampler.step = s + 1  # the data state saved with step s + 1 (the thread runs ahead of it)
-      t0 = time.perf_counter()
-      state, metrics = step_fn(state, lm.params, batch, rng)
-      if compile_s is None:
-        jax.block_until_ready(metrics)
-        compile_s = time.perf_counter() - t0
-        window_t = time.perf_counter()
-      window_tokens += int(local['pgm_mask'].sum() + local['lm_mask'].sum()) * jax.process_count()
-      preempt = watch.signalled
-      training.save_checkpoint(mngr, s + 1, state, sampler.state(), cfg_json,
-                               force=s + 1 == stop or preempt)
-      if (s + 1) % config.log_every == 0 or s + 1 == stop or preempt:
-        metrics = jax.device_get(metrics)
-        dt = time.perf_counter() - window_t
-        last = {**{k: float(v) for k, v in metrics.items()},
-                'tokens_per_s': window_tokens / max(dt, 1e-9),
-                'lr': float(schedule(s))}
-        writer.write(s + 1, last)
-        bar.set_postfix(loss=f'{last["loss"]:.4f}', tok_s=f'{last["tokens_per_s"]:.0f}')
-        window_tokens, window_t = 0, time.perf_counter()
-      if preempt:
-        preempted = s + 1
-        if lead:
-          log.info('preempted: saved the checkpoint at step %d in %s; rerun the same command to '
-                   'resume', preempted, mngr.directory)
-        break
-  mngr.wait_until_finished()
+  try:
+    with PreemptionWatch() as watch, Prefetcher(load, first, stop, config.prefetch) as batches:
+      for s in bar:
+        if s >= stop:  # a time-boxed job: stop here, resume later with the same config
+          break
+        local, batch = next(batches)
+        sampler.step = s + 1  # the data state saved with step s + 1 (the thread runs ahead of it)
+        t0 = time.perf_counter()
+        state, metrics = step_fn(state, lm.params, batch, rng)
+        unread.append((s + 1, metrics.pop('nonfinite')))
+        if compile_s is None:
+          jax.block_until_ready(metrics)
+          compile_s = time.perf_counter() - t0
+          window_t = time.perf_counter()
+        window_tokens += (int(local['pgm_mask'].sum() + local['lm_mask'].sum())
+                          * jax.process_count())
+        preempt = watch.signalled
+        save = s + 1 == stop or preempt or mngr.should_save(s + 1)
+        log_now = (s + 1) % config.log_every == 0 or s + 1 == stop or preempt
+        if save or log_now:
+          check_finite(s + 1)
+        if save:
+          saver.save(s + 1, state, data_state(), cfg_json)
+        if log_now:
+          metrics = jax.device_get(metrics)
+          dt = time.perf_counter() - window_t
+          last = {**{k: float(v) for k, v in metrics.items()},
+                  'tokens_per_s': window_tokens / max(dt, 1e-9),
+                  'lr': float(schedule(s))}
+          if skip_nonfinite:
+            last['skipped_steps'] = skipped
+          writer.write(s + 1, last)
+          bar.set_postfix(loss=f'{last["loss"]:.4f}', tok_s=f'{last["tokens_per_s"]:.0f}')
+          window_tokens, window_t = 0, time.perf_counter()
+        if preempt:
+          preempted = s + 1
+          if lead:
+            log.info('preempted: saved the checkpoint at step %d in %s; rerun the same command '
+                     'to resume', preempted, mngr.directory)
+          break
+  except BaseException:
+    # Finish the saves in flight (and their checksums); with several processes the others may
+    # not get there, so this one leaves at once (train.py).
+    if jax.process_count() == 1:
+      try:
+        saver.finish()
+        mngr.close()
+      except Exception:  # pylint: disable=broad-except
+        log.exception('finishing the checkpoints after the error above failed')
+    writer.close()
+    raise
+  saver.finish()
   mngr.close()
   writer.close()
   return {'steps': steps, 'last': last, 'compile_s': compile_s, 'counts': counts,
