@@ -23,7 +23,7 @@ import numpy as np
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-from metal_jax import experiment, sharding, training
+from metal_jax import experiment, locking, sharding, training
 from metal_jax.data.episodes import EpisodeSampler
 from metal_jax.data.prefetch import Prefetcher
 
@@ -155,6 +155,13 @@ def train(config, workdir: str) -> dict:
     initialize_distributed(config)
   lead = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
+  # One run per workdir: a second train.py stops here, naming the holder (process 0 holds it
+  # for a multi-host job).
+  with locking.WorkdirLock(workdir, enabled=lead):
+    return _train(config, workdir, lead)
+
+
+def _train(config, workdir: str, lead: bool) -> dict:
   mngr = training.checkpoint_manager(os.path.join(workdir, 'checkpoints'),
                                      save_every=config.save_every, keep=config.keep_checkpoints,
                                      async_save=config.async_checkpoints)
