@@ -12,7 +12,8 @@ import logging
 
 from absl import app, flags
 
-from metal_jax import errors, run_eval, training
+import configs
+from metal_jax import errors, run_eval
 
 flags.DEFINE_string('workdir', 'runs/default', 'the train.py run to evaluate')
 flags.DEFINE_list('split', [], '(n_P, n_L) as "16,0", "12,4" or "8,8"; default: the training split')
@@ -24,6 +25,14 @@ flags.DEFINE_list('hparams', [], 'method hyperparameters, e.g. "soft_prompt.lr=1
                   '(the fields of each method\'s Hparams; the paper\'s values by default)')
 flags.DEFINE_string('out', '', 'output directory; default WORKDIR/eval')
 flags.DEFINE_bool('progress', True, 'show a progress bar')
+flags.DEFINE_string('setting', '', 'evaluate on this setting\'s test tasks (a shipped name such as '
+                    'cls2cls, or a file); default: the run\'s')
+flags.DEFINE_string('data_dir', '', 'task directories (comma-separated, searched in order); '
+                    'default: the run\'s')
+flags.DEFINE_integer('max_test_examples', 0, 'cap each test split at a seeded sample of this many '
+                     '(quick looks); 0: every example, as the paper\'s protocol')
+flags.DEFINE_bool('allow_overlap', False, 'evaluate test tasks the run meta-trained on (marked in '
+                  'results.json)')
 flags.DEFINE_bool('debug', False, 'show the traceback of a user\'s mistake too')
 
 
@@ -33,9 +42,14 @@ def main(argv):
   logging.getLogger('absl').setLevel(logging.WARNING)
   f = flags.FLAGS
   # A user's mistake (flag, data, checkpoint): its message alone, no traceback.
-  md = errors.run_cli('eval.py', run_eval.main, workdir=f.workdir, split=f.split, seeds=f.seeds,
-                      methods=f.methods, hparams=f.hparams, bbt_budget=f.bbt_budget, out=f.out,
-                      progress=f.progress, extra=(training.ResumeError,))
+  def run():
+    setting = configs.setting_path(f.setting) if f.setting else ''  # the library reads paths
+    return run_eval.main(workdir=f.workdir, split=f.split, seeds=f.seeds, methods=f.methods,
+                         hparams=f.hparams, bbt_budget=f.bbt_budget, out=f.out,
+                         progress=f.progress, setting_path=setting, data_dir=f.data_dir,
+                         max_test_examples=f.max_test_examples, allow_overlap=f.allow_overlap)
+
+  md = errors.run_cli('eval.py', run)
   print(md)
 
 

@@ -7,7 +7,10 @@ import logging
 import os
 import shutil
 import time
+import zlib
 from typing import Sequence
+
+import numpy as np
 
 from metal_jax import evaluation, experiment
 from metal_jax.errors import FlagError
@@ -25,8 +28,17 @@ def parse_ints(items: Sequence[str], flag: str) -> list[int]:
 
 def main(*, workdir: str, split: Sequence[str] = (), seeds: Sequence[str] = ('100', '13', '21', '42'),
          methods: Sequence[str] = ('all',), hparams: Sequence[str] = (), bbt_budget: int = 0,
-         out: str = '', progress: bool = True) -> str:
-  """Lists are absl list flags' values (eval.py): --seeds=100,13 gives ['100', '13']."""
+         out: str = '', progress: bool = True, setting_path: str = '', data_dir: str = '',
+         max_test_examples: int = 0, allow_overlap: bool = False) -> str:
+  """Lists are absl list flags' values (eval.py): --seeds=100,13 gives ['100', '13'].
+
+  setting_path / data_dir (a setting file's path; directories as --config.data_dir takes them)
+  evaluate on other tasks than the run's: test tasks the run meta-trained on are refused unless
+  allow_overlap (then listed in results.json's overlap_with_meta_train). max_test_examples caps
+  each test split at a seeded sample (kept in file order) for quick looks; 0: the whole split.
+  """
+  if max_test_examples < 0:
+    raise FlagError(f'--max_test_examples={max_test_examples}: must be >= 0 (0: every example)')
   seed_list = parse_ints(seeds, 'seeds')  # the flags are checked before anything loads
   method_list, not_implemented = methods_lib.resolve(methods)
   tr = experiment.load_trained(workdir)
@@ -41,11 +53,28 @@ def main(*, workdir: str, split: Sequence[str] = (), seeds: Sequence[str] = ('10
   base = {'bbtv2': methods_lib.REGISTRY['bbtv2'].Hparams(budget=bbt_budget)} if bbt_budget else {}
   hp = methods_lib.hparams_from(hparams, base)
 
-  data_dir, setting = experiment.data_location(config, workdir)
+  locator, run_setting = experiment.data_location(config, workdir)
+  setting, overlap = run_setting, []
+  if setting_path or data_dir:
+    other = config.copy_and_resolve_references()
+    other.data_dir = data_dir if data_dir else config.data_dir
+    other.setting = setting_path if setting_path else config.setting
+    locator, setting = experiment.data_location(other, workdir)
+    overlap = sorted(set(setting['test']) & set(run_setting['train']))
+    if overlap and not allow_overlap:
+      raise FlagError(f'--setting={other.setting}: test tasks {overlap} are among the tasks this '
+                      'run meta-trained on; --allow_overlap evaluates them anyway (marked in '
+                      'results.json)')
   lm, pgm_cfg, spec, trainable, tokenizer = tr.lm, tr.pgm_cfg, tr.spec, tr.trainable, tr.tokenizer
   task_seeds = evaluation.load_task_seeds(
-      data_dir, setting['test'], seed_list, tokenizer, os.path.join(workdir, 'cache', 'tokenized'),
+      locator, setting['test'], seed_list, tokenizer, os.path.join(workdir, 'cache', 'tokenized'),
       config.max_example_len)
+  if max_test_examples:
+    for ts in task_seeds:
+      if len(ts.test) > max_test_examples:
+        rng = np.random.default_rng(zlib.crc32(f'{ts.task}/{ts.seed}'.encode()))
+        ts.test = ts.test.subset(sorted(rng.choice(len(ts.test), max_test_examples,
+                                                   replace=False).tolist()))
   log.info('evaluating step %d of %s on %d test tasks x %d seeds, split %s, methods %s', step,
            workdir, len(setting['test']), len(seed_list), split_t, method_list)
 
@@ -58,6 +87,7 @@ def main(*, workdir: str, split: Sequence[str] = (), seeds: Sequence[str] = ('10
     results = evaluation.evaluate(lm, pgm_cfg, trainable, task_seeds, spec, triples, split_t,
                                   tmp, seed=config.seed, progress=progress)
     results['hparams'] = {m: dataclasses.asdict(hp[m]) for m in method_list}
+    results.update(overlap_with_meta_train=overlap, max_test_examples=max_test_examples)
     results.update(checkpoint_step=step, workdir=os.path.abspath(workdir),
                    not_implemented=not_implemented, wall_s=time.time() - t0)
     md = evaluation.write_report(tmp, results)

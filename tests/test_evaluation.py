@@ -37,6 +37,7 @@ from metal_jax import evaluation, lora, methods, pgm, run_eval, run_train
 from metal_jax.data import synthetic
 from metal_jax.data.episodes import EpisodeSpec
 from metal_jax.data.tasks import load_tokenized
+from metal_jax.errors import FlagError
 from metal_jax.models import KV
 from metal_jax.models.hf import load_lm
 from metal_jax.serving import scoring
@@ -524,3 +525,41 @@ def test_rerun_replaces_eval_and_failed_rerun_leaves_it_intact(trained_run, tmp_
   assert sorted(n for n in os.listdir(workdir) if n.startswith('eval')) == ['eval']
   # Checked last so that the rest of the contract is verified either way.
   assert leftovers == [], f'a failed eval left partial output behind: {leftovers}'
+
+
+def test_eval_on_other_tasks_refuses_meta_train_tasks_and_caps_test_splits(trained_run, tmp_path):
+  """--setting/--data_dir evaluate other tasks: the run's meta-train tasks are refused unless
+  allowed (then listed); --max_test_examples keeps a seeded sample, the same on every run."""
+  workdir, _ = trained_run
+  data = os.path.join(workdir, 'data')
+  run_setting = synthetic.write_suite(data, n_train_tasks=4, n_test_tasks=2, n_train_examples=48,
+                                      n_test_examples=8)
+  trained = run_setting['train'][:1]
+  # A copy of the suite where the meta-train task also has few-shot files (those of a test task).
+  shutil.copytree(data, tmp_path / 'data')
+  data, src = str(tmp_path / 'data'), run_setting['test'][0]
+  for seed in (100,):
+    for split in ('train', 'test'):
+      shutil.copy(os.path.join(data, src, f'{src}_16_{seed}_{split}.jsonl'),
+                  os.path.join(data, trained[0], f'{trained[0]}_16_{seed}_{split}.jsonl'))
+  path = tmp_path / 'setting.json'
+  path.write_text(json.dumps({'train': [], 'test': run_setting['test'][:1] + trained}))
+  kw = dict(workdir=workdir, seeds=['100'], methods=['zero_shot'], progress=False,
+            setting_path=str(path), data_dir=data)
+  with pytest.raises(FlagError, match=rf"test tasks \['{trained[0]}'\] are among the tasks this "
+                                      'run meta-trained on; --allow_overlap'):
+    run_eval.main(**kw, out=str(tmp_path / 'a'))
+  outs = []
+  for name in ('b', 'c'):
+    run_eval.main(**kw, allow_overlap=True, max_test_examples=3, out=str(tmp_path / name))
+    res = json.load(open(tmp_path / name / 'results.json'))
+    assert res['overlap_with_meta_train'] == trained and res['max_test_examples'] == 3
+    assert res['tasks'] == run_setting['test'][:1] + trained
+    rows = [json.loads(l) for l in open(tmp_path / name / 'predictions' / 'zero_shot' /
+                                        f'{trained[0]}_100.jsonl')]
+    assert len(rows) == 3
+    outs.append([r['input'] for r in rows])
+  assert outs[0] == outs[1]  # seeded: the same sample every run
+  full = [json.loads(l)['input'] for l in open(os.path.join(
+      data, trained[0], f'{trained[0]}_16_100_test.jsonl'))]
+  assert [full.index(x) for x in outs[0]] == sorted(full.index(x) for x in outs[0])  # file order

@@ -265,6 +265,16 @@ class TokenizedTask:
   def __len__(self):
     return len(self.input_first)
 
+  def subset(self, idx) -> 'TokenizedTask':
+    """A new task of examples idx (in that order)."""
+    out = object.__new__(TokenizedTask)
+    out.path, out.fingerprint = self.path, self.fingerprint
+    for name in ('input_first', 'input_rest', 'output_ids', 'option_ids'):
+      setattr(out, name, [getattr(self, name)[i] for i in idx])
+    out.answer = self.answer[np.asarray(idx, np.int64)]
+    out.raw = {k: [v[i] for i in idx] for k, v in self.raw.items()}
+    return out
+
   def truncate(self, n: int) -> None:
     """Keeps the first n examples (the paper caps meta-training tasks at 16,384)."""
     for name in ('input_first', 'input_rest', 'output_ids', 'option_ids'):
