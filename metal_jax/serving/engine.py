@@ -35,6 +35,9 @@ from metal_jax.serving import generate as gen
 from metal_jax.serving import scoring
 from metal_jax.serving.store import PromptStore
 
+CHARS_PER_TOKEN = 64  # more characters a token than any tokenizer packs: a cheap length bound
+
+
 class RequestError(ValueError):
   """A request's own mistake: `field` names the JSON field at fault; `status` is the HTTP answer
   (422 a malformed field, 413 one over a size limit)."""
@@ -191,6 +194,18 @@ class Engine:
   def _input_ids(self, text: str) -> list[int]:
     return self.tokenizer(text, add_special_tokens=False)['input_ids']
 
+  def _bounded(self, field: str, text: str) -> str:
+    """A text whose tokenisation cannot stall the worker: over CHARS_PER_TOKEN characters a
+    token allowed, refused (413) without tokenising, or its tail kept when truncating."""
+    limit = CHARS_PER_TOKEN * self.max_input_tokens
+    if len(text) <= limit:
+      return text
+    if not self.truncate_inputs:
+      raise RequestError(field, f'{len(text)} characters; at most {self.max_input_tokens} tokens '
+                         '(the server can cut longer inputs from the left: serve.py '
+                         '--truncate_inputs)', 413)
+    return text[-limit:]
+
   def _check_length(self, field: str, n: int) -> None:
     if n > self.max_input_tokens:
       raise RequestError(field, f'{n} tokens; at most {self.max_input_tokens} (the server can '
@@ -204,11 +219,12 @@ class Engine:
     if isinstance(r, ClassifyRequest):
       if not r.options or len(set(r.options)) != len(r.options):
         raise RequestError('options', 'a non-empty list of distinct strings')
-      if not self.truncate_inputs:
-        for i, x in enumerate(r.inputs):
+      for i, x in enumerate(r.inputs):
+        x = self._bounded(f'inputs[{i}]', x)
+        if not self.truncate_inputs:
           self._check_length(f'inputs[{i}]', len(self._input_ids(x)))
       return prompt
-    n = len(self._input_ids(r.input))
+    n = len(self._input_ids(self._bounded('input', r.input)))
     if not self.truncate_inputs:
       self._check_length('input', n)
     n = min(n, self.max_input_tokens)
@@ -239,10 +255,12 @@ class Engine:
       rows, where = [], []
       for i, slot in zip(chunk, slots):
         r = requests[i]
-        q = tokenize_examples([{'input': x, 'options': r.options} for x in r.inputs],
-                              self.tokenizer, self.max_example_len)
+        q = tokenize_examples([{'input': self._bounded('inputs', x), 'options': r.options}
+                               for x in r.inputs], self.tokenizer, self.max_example_len)
+        cut = lambda ids: ids[max(0, len(ids) - self.max_input_tokens):]  # the operator's limit
         job = scoring.Job(None, np.zeros(0, np.int32),
-                          list(zip(q.input_first, q.input_rest, q.option_ids)), self.spec)
+                          [(cut(a), cut(b), o) for a, b, o in
+                           zip(q.input_first, q.input_rest, q.option_ids)], self.spec)
         for k, (_, query, y) in enumerate(scoring.job_rows(job)):  # no X^L: start 0
           rows.append(scoring.Row(slot, query, y))
           where.append((i, k // len(r.options), k % len(r.options)))
@@ -261,7 +279,8 @@ class Engine:
     if not requests:
       return []
     prompts = [self.check(r) for r in requests]
-    ids = [self._input_ids(r.input)[-self.max_input_tokens:] for r in requests]
+    ids = [self._input_ids(self._bounded('input', r.input))[-self.max_input_tokens:]
+           for r in requests]
     keys = jnp.stack([jax.random.key(r.seed) for r in requests])
     return gen.generate(self.lm.module, self.lm.params, prompts, ids,
                         [r.params for r in requests], rng=keys, tokenizer=self.tokenizer)
