@@ -225,33 +225,22 @@ def evaluate(lm, pgm_cfg, trainable, task_seeds: Sequence[TaskSeed], spec: Episo
   for name, method_obj, hp in methods:
     method = name
     per_task, walls, fwd, bwd, notes = {}, [], [], [], set()
-    outputs, jobs = [], []
-    for ts in task_seeds:  # every task's prompt first, then their rows scored together
-      bar.set_postfix(method=method, task=ts.task)
-      rng = jax.random.key(zlib.crc32(f'{seed}/{method}/{ts.task}/{ts.seed}'.encode()))
-      t0 = time.perf_counter()
-      out = method_prompt(name, method_obj, hp, ts, ctx, rng)
-      jax.block_until_ready(out.prompt)
-      walls.append(time.perf_counter() - t0)
-      fwd.append(out.forward_passes)
-      bwd.append(out.backward_passes)
-      if out.note:
-        notes.add(out.note)
-      # A prompt longer than spec.prompt_len (BBTv2's 50) leaves fewer positions for the input.
-      spec_m = spec if out.prompt is None else spec.with_prompt_len(out.prompt.length)
-      jobs.append(task_job(out.prompt, ts.train, out.demo_idx, ts.test, spec_m))
-    all_scores = score_tasks(lm.module, lm.params, jobs)
     for task in tasks:
-      seeds = {}
-      for ts, scores in zip(task_seeds, all_scores):
-        if ts.task != task:
-          continue
-        preds = predict(scores, ts.test, method=method, task=task, seed=ts.seed)
-        golds = list(ts.test.raw['output'])
-        seeds[str(ts.seed)] = metrics(preds, golds)
-        write_predictions(os.path.join(out_dir, 'predictions', method, f'{task}_{ts.seed}.jsonl'),
-                          ts.test, scores, preds)
-      per_task[task] = {'seeds': seeds, 'mean': _mean_metrics(list(seeds.values()))}
+      # One (method, task) at a time: its seeds' prompts, then their rows scored together, then
+      # a record of it on disk, so that an interrupted evaluation continues from here.
+      record = os.path.join(out_dir, 'done', method, f'{task}.json')
+      if os.path.exists(record):
+        with open(record) as f:
+          done = json.load(f)
+      else:
+        done = _evaluate_task(name, method_obj, hp, [ts for ts in task_seeds if ts.task == task],
+                              ctx, lm, spec, seed, out_dir, bar)
+        _write_json_atomic(record, done)
+      per_task[task] = {'seeds': done['seeds'], 'mean': _mean_metrics(list(done['seeds'].values()))}
+      walls += done['walls']
+      fwd += done['forward']
+      bwd += done['backward']
+      notes |= set(done['notes'])
       bar.update(1)
     results['methods'][method] = {
         'tasks': per_task,
@@ -263,6 +252,42 @@ def evaluate(lm, pgm_cfg, trainable, task_seeds: Sequence[TaskSeed], spec: Episo
     }
   bar.close()
   return results
+
+
+def _evaluate_task(method: str, method_obj, hp, task_seeds: Sequence[TaskSeed], ctx: Context, lm,
+                   spec: EpisodeSpec, seed: int, out_dir: str, bar) -> dict:
+  """One method on one task's seeds: prompts, scores, predictions files; the task's record."""
+  walls, fwd, bwd, notes, jobs = [], [], [], [], []
+  for ts in task_seeds:
+    bar.set_postfix(method=method, task=ts.task)
+    rng = jax.random.key(zlib.crc32(f'{seed}/{method}/{ts.task}/{ts.seed}'.encode()))
+    t0 = time.perf_counter()
+    out = method_prompt(method, method_obj, hp, ts, ctx, rng)
+    jax.block_until_ready(out.prompt)
+    walls.append(time.perf_counter() - t0)
+    fwd.append(out.forward_passes)
+    bwd.append(out.backward_passes)
+    if out.note:
+      notes.append(out.note)
+    # A prompt longer than spec.prompt_len (BBTv2's 50) leaves fewer positions for the input.
+    spec_m = spec if out.prompt is None else spec.with_prompt_len(out.prompt.length)
+    jobs.append(task_job(out.prompt, ts.train, out.demo_idx, ts.test, spec_m))
+  seeds = {}
+  for ts, scores in zip(task_seeds, score_tasks(lm.module, lm.params, jobs)):
+    preds = predict(scores, ts.test, method=method, task=ts.task, seed=ts.seed)
+    seeds[str(ts.seed)] = metrics(preds, list(ts.test.raw['output']))
+    write_predictions(os.path.join(out_dir, 'predictions', method, f'{ts.task}_{ts.seed}.jsonl'),
+                      ts.test, scores, preds)
+  return {'seeds': seeds, 'walls': walls, 'forward': fwd, 'backward': bwd,
+          'notes': sorted(set(notes))}
+
+
+def _write_json_atomic(path: str, obj) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f)
+  os.replace(tmp, path)
 
 
 def write_predictions(path: str, queries: TokenizedTask, scores, preds) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -79,8 +80,29 @@ def main(*, workdir: str, split: Sequence[str] = (), seeds: Sequence[str] = ('10
            workdir, len(setting['test']), len(seed_list), split_t, method_list)
 
   final = out or os.path.join(workdir, 'eval')
-  tmp = f'{final}.tmp-{os.getpid()}'
-  shutil.rmtree(tmp, ignore_errors=True)
+  # Finished (method, task) records go to FINAL.partial: a rerun of the same evaluation (same
+  # checkpoint, tasks, seeds, split, methods and hyperparameters) continues from them; any other
+  # evaluation starts afresh. eval/ itself is replaced only when everything is done.
+  tmp = f'{final}.partial'
+  params = {'checkpoint_step': step, 'workdir': os.path.abspath(workdir), 'split': list(split_t),
+            'seeds': seed_list, 'methods': method_list, 'tasks': list(setting['test']),
+            'hparams': {m: dataclasses.asdict(hp[m]) for m in method_list},
+            'max_test_examples': max_test_examples, 'seed': config.seed}
+  params = json.loads(json.dumps(params))
+  params_file = os.path.join(tmp, 'params.json')
+  try:
+    with open(params_file) as f:
+      resumable = json.load(f) == params
+  except (OSError, ValueError):
+    resumable = False
+  if resumable:
+    n = sum(len(fs) for _, _, fs in os.walk(os.path.join(tmp, 'done')))
+    log.info('continuing the evaluation in %s: %d (method, task) finished', tmp, n)
+  else:
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    with open(params_file, 'w') as f:
+      json.dump(params, f)
   t0 = time.time()
   try:
     triples = [(m, methods_lib.REGISTRY[m], hp[m]) for m in method_list]
@@ -92,8 +114,12 @@ def main(*, workdir: str, split: Sequence[str] = (), seeds: Sequence[str] = ('10
                    not_implemented=not_implemented, wall_s=time.time() - t0)
     md = evaluation.write_report(tmp, results)
   except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)  # no partial output; the earlier eval/ stays
+    # The finished (method, task) records stay for a rerun; the earlier eval/ stays as it was.
+    log.warning('evaluation stopped; what finished is kept in %s: rerun the same command to '
+                'continue', tmp)
     raise
+  shutil.rmtree(os.path.join(tmp, 'done'), ignore_errors=True)
+  os.remove(params_file)
   # Replace the previous eval/ only now, so a failed run never leaves stale or partial results.
   old = f'{final}.old-{os.getpid()}'
   if os.path.exists(final):

@@ -478,8 +478,8 @@ def snapshot(directory: str) -> dict:
   return out
 
 
-def test_rerun_replaces_eval_and_failed_rerun_leaves_it_intact(trained_run, tmp_path,
-                                                               monkeypatch):
+def test_rerun_replaces_eval_and_failed_rerun_leaves_it_intact_and_continues(
+    trained_run, tmp_path, monkeypatch):
   src, _ = trained_run
   workdir = str(tmp_path / 'run')
   shutil.copytree(src, workdir)  # the first eval comes along; the trained run stays pristine
@@ -490,7 +490,7 @@ def test_rerun_replaces_eval_and_failed_rerun_leaves_it_intact(trained_run, tmp_
     f.write('{"prediction": "junk"}\n')
   before = snapshot(out)
 
-  # A rerun that fails midway (the second method's score_tasks call raises).
+  # A rerun that fails midway (the second (method, task)'s score_tasks call raises).
   orig = evaluation.score_tasks
   n_calls = [0]
 
@@ -507,6 +507,22 @@ def test_rerun_replaces_eval_and_failed_rerun_leaves_it_intact(trained_run, tmp_
   assert n_calls[0] == 2
   assert snapshot(out) == before  # the earlier eval/ untouched, junk and all
   leftovers = sorted(n for n in os.listdir(workdir) if n.startswith('eval') and n != 'eval')
+  assert leftovers == ['eval.partial']  # what finished (zero_shot on the first task) is kept
+
+  # The same command again continues: the finished (method, task) is not redone, and the
+  # results are those of an uninterrupted evaluation (the first one, for these methods).
+  n_calls[0] = -100
+  run_eval.main(workdir=workdir, seeds=['100', '13'], methods=['zero_shot', 'metal'],
+                progress=False)
+  assert n_calls[0] == -100 + 3  # zero_shot's second task, metal's two
+  resumed = json.load(open(os.path.join(out, 'results.json')))
+  for m in ('zero_shot', 'metal'):
+    assert resumed['methods'][m]['tasks'] == first['methods'][m]['tasks'], m
+  assert sorted(n for n in os.listdir(workdir) if n.startswith('eval')) == ['eval']
+  assert not os.path.exists(os.path.join(out, 'done'))
+  junk = os.path.join(out, 'predictions', 'metal', 'stale_task_100.jsonl')
+  with open(junk, 'w') as f:
+    f.write('{"prediction": "junk"}\n')
   monkeypatch.setattr(evaluation, 'score_tasks', orig)
 
   # A successful rerun with fewer methods: eval/ is replaced wholesale.
@@ -523,8 +539,6 @@ def test_rerun_replaces_eval_and_failed_rerun_leaves_it_intact(trained_run, tmp_
   assert 'rlprompt' in second['not_implemented']
   assert any(line.startswith('| rlprompt | not implemented') for line in md.splitlines())
   assert sorted(n for n in os.listdir(workdir) if n.startswith('eval')) == ['eval']
-  # Checked last so that the rest of the contract is verified either way.
-  assert leftovers == [], f'a failed eval left partial output behind: {leftovers}'
 
 
 def test_eval_on_other_tasks_refuses_meta_train_tasks_and_caps_test_splits(trained_run, tmp_path):
