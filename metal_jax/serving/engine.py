@@ -60,7 +60,7 @@ class SlotTable:
   def __init__(self, module, params, n_slots: int, width: int):
     cfg = module.config
     self.module, self.params = module, params
-    self.width = scoring.pow2(width)
+    self.width = gen.bucket(width)
     shape = (cfg.n_layers, n_slots, self.width, cfg.n_kv_heads, cfg.head_dim)
     self.kv = KV(jnp.zeros(shape, cfg.jnp_dtype), jnp.zeros(shape, cfg.jnp_dtype))
     self.length = np.zeros((n_slots,), np.int32)
@@ -148,7 +148,7 @@ class Engine:
     self.store = PromptStore(store_dir or os.path.join(workdir, 'prompts'), self.identity,
                              host_budget_bytes)
     c = tr.lm.config
-    width = scoring.pow2(tr.pgm_cfg.prompt_len)
+    width = gen.bucket(tr.pgm_cfg.prompt_len)
     per_slot = 2 * c.n_layers * width * c.n_kv_heads * c.head_dim * jnp.dtype(c.jnp_dtype).itemsize
     n_slots = max(1, min(slots, device_budget_bytes // per_slot))
     self.slots = SlotTable(tr.lm.module, tr.lm.params, n_slots, width)
@@ -268,7 +268,7 @@ class Engine:
         part = rows[s0:s0 + self.max_rows]
         got = scoring.score_rows(self.lm.module, self.lm.params, self.slots.table(), part,
                                  self.spec, rows_per_block=1,
-                                 blocks_per_call=scoring.pow2(len(part), 1))
+                                 blocks_per_call=gen.bucket(len(part), 1))
         for (i, a, b), s in zip(where[s0:s0 + self.max_rows], got):
           out[i][a, b] = s
     return out

@@ -34,14 +34,9 @@ from metal_jax import objective
 from metal_jax.data.episodes import EpisodeSpec, LMHalf, bucket, collate_lm, left_truncate
 from metal_jax.models.base import CausalLM
 from metal_jax.models.layers import KV
-from metal_jax.pgm import Prompt, apply_with_prompt
+from metal_jax.pgm import Prompt
+from metal_jax.serving.generate import bucket as pow2  # the power-of-two sizes decoding uses
 
-MIN_BUCKET = 8
-
-
-def pow2(n: int, minimum: int = MIN_BUCKET) -> int:
-  """The power of two >= max(n, minimum)."""
-  return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
 # ----------------------------------------------------------------------------- contexts
