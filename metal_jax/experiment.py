@@ -19,8 +19,8 @@ from metal_jax import lora, pgm, sharding, training
 from metal_jax.errors import FlagError
 from metal_jax.data import synthetic
 from metal_jax.data.episodes import EpisodeSpec
-from metal_jax.data.tasks import (DataError, TaskLocator, load_setting, load_tokenized,
-                                  split_data_dirs)
+from metal_jax.data.tasks import (DataError, TaskLocator, bos_token, load_setting,
+                                  load_tokenized, split_data_dirs)
 from metal_jax.models import GPT2Config
 from metal_jax.models.hf import (CheckpointError, LoadedLM, load_lm, load_tokenizer,
                                  read_hf_config, resolve)
@@ -109,10 +109,13 @@ def model_limit(config, lm_config) -> int:
   return min(config.max_len, lm_config.max_len) if config.max_len else lm_config.max_len
 
 
-def episode_spec(config, lm_config) -> EpisodeSpec:
+def episode_spec(config, lm_config, tokenizer=None) -> EpisodeSpec:
+  """The run's episode layout; with the tokenizer, its BOS (if it adds one) starts every
+  sequence the PGM and the LM read."""
   return EpisodeSpec(n_prompt_examples=config.n_prompt_examples,
                      n_lm_examples=config.n_lm_examples, prompt_len=config.pgm.prompt_len,
-                     max_len=model_limit(config, lm_config))
+                     max_len=model_limit(config, lm_config),
+                     bos_id=None if tokenizer is None else bos_token(tokenizer))
 
 
 def meta_train_tasks(config, data_dir, setting: dict, tokenizer, workdir: str):
@@ -216,7 +219,7 @@ def setup(config, workdir: str) -> Setup:
   mesh = sharding.make_mesh(config.mesh.to_dict())
   lm, param_sh = load_model(config, lm_dir, mesh, tokenizer)
   return Setup(data_dir, setting, tokenizer, tasks, lm_dir, mesh, lm, param_sh,
-               pgm_config(config), episode_spec(config, lm.config))
+               pgm_config(config), episode_spec(config, lm.config, tokenizer))
 
 
 @dataclasses.dataclass
@@ -246,7 +249,7 @@ def load_trained(workdir: str, step: int | None = None) -> Trained:
   cfg = pgm_config(config)
   trainable, _ = training.restore_trainable(workdir, lm.config, cfg, step)
   return Trained(workdir, step, config, tokenizer, mesh, lm, cfg,
-                 episode_spec(config, lm.config), trainable)
+                 episode_spec(config, lm.config, tokenizer), trainable)
 
 
 def config_json(config) -> dict:

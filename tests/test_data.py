@@ -6,6 +6,7 @@ Expected token sequences are rebuilt here from the raw strings with the tokenize
 of the library's concatenation code.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -700,3 +701,72 @@ def test_prefetch_stops_when_the_loop_stops():
 def test_prefetch_refuses_negative_depth():
   with pytest.raises(ValueError, match='depth must be >= 0, got -1'):
     Prefetcher(lambda step: step, 0, 3, depth=-1)
+
+
+# ----------------------------------------------------------------------------- 10. BOS (Llama)
+
+
+@pytest.fixture(scope='module')
+def llama_tok_dir(tmp_path_factory):
+  """A Llama checkpoint directory as Meta's original downloads ship it: config.json and a bare
+  sentencepiece tokenizer.model (trained here on a few sentences; BOS id 1)."""
+  import io
+  import sentencepiece as spm
+  from conftest import save_hf
+  d = tmp_path_factory.mktemp('llama_spm')
+  save_hf('llama', d, bos_token_id=1, eos_token_id=2)
+  corpus = ['the cat sat on the mat', 'a dog ran far away', 'great film', 'bad film',
+            'positive negative', 'review of a movie'] * 40
+  buf = io.BytesIO()
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=buf, vocab_size=60,
+                                 model_type='bpe', unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                                 minloglevel=2)
+  (d / 'tokenizer.model').write_bytes(buf.getvalue())
+  return d
+
+
+def test_bos_where_transformers_puts_it(llama_tok_dir, tmp_path):
+  """With a tokenizer that adds BOS (Llama's, loaded from a bare tokenizer.model), every sequence
+  the LM or the PGM reads starts with it: a zero-shot query reads exactly tokenizer(x), an ICL
+  sequence BOS + X^L + x, the PGM BOS + X^P; cutting to fit never drops BOS. The built-in
+  (GPT-2-like) tokenizer adds none, and sequences are unchanged."""
+  from metal_jax.data.tasks import bos_token
+  from metal_jax.models.hf import load_tokenizer
+  tok = load_tokenizer(str(llama_tok_dir))
+  assert type(tok).__name__ == 'LlamaTokenizer'
+  assert bos_token(tok) == tok.bos_token_id == 1
+  assert bos_token(S.build_tokenizer()) is None
+  examples = [{'task': 'task', 'input': 'the cat sat on the mat', 'output': 'great',
+               'options': ['great', 'bad']},
+              {'task': 'task', 'input': 'a dog ran far away', 'output': 'bad',
+               'options': ['great', 'bad']},
+              {'task': 'task', 'input': 'review of a movie', 'output': 'great',
+               'options': ['great', 'bad']}]
+  path = write_lines(tmp_path / 'task_16_100_train.jsonl', [json.dumps(e) for e in examples])
+  task = load_tokenized(path, tok, str(tmp_path / 'cache'))
+  spec = EpisodeSpec(n_prompt_examples=2, n_lm_examples=1, prompt_len=4, max_len=64,
+                     bos_id=bos_token(tok))
+  empty = np.zeros(0, np.int32)
+  plain = lambda text: tok(text, add_special_tokens=False)['input_ids']
+  for i, e in enumerate(examples):  # zero-shot: what transformers gives the model for x
+    half = E.build_lm_half(empty, task.input_first[i], task.input_rest[i], task.output_ids[i], spec)
+    assert half.context.tolist() == tok(e['input'])['input_ids']
+  demos = E.concat_examples(task, [0])
+  half = E.build_lm_half(demos, task.input_first[2], task.input_rest[2], task.output_ids[2], spec)
+  assert half.context.tolist() == [1] + demos.tolist() + task.input_rest[2].tolist()
+  pgm = E.build_pgm_half(E.concat_examples(task, [0, 1]), spec)
+  assert pgm.tolist() == [1] + E.concat_examples(task, [0, 1]).tolist()
+  assert pgm[1:3].tolist() == plain(examples[0]['input'])[:2]
+  short = dataclasses.replace(spec, max_len=spec.prompt_len + 6)  # both halves must be cut
+  half = E.build_lm_half(demos, task.input_first[2], task.input_rest[2], task.output_ids[2], short)
+  assert half.context[0] == 1 and len(half.context) + len(half.target) == short.lm_budget
+  assert half.context[1:].tolist() == np.concatenate([demos, task.input_rest[2]]).tolist()[
+      -(short.lm_budget - 1 - len(half.target)):]
+  pgm = E.build_pgm_half(E.concat_examples(task, [0, 1]), short)
+  assert pgm[0] == 1 and len(pgm) == short.pgm_budget
+  batch = E.collate_pgm([pgm], short, short.max_len)
+  assert batch['pgm_ids'][0, :short.pgm_budget].tolist() == pgm.tolist()  # BOS right after padding
+  gpt2_like = dataclasses.replace(spec, bos_id=None)
+  half = E.build_lm_half(empty, task.input_first[0], task.input_rest[0], task.output_ids[0],
+                         gpt2_like)
+  assert half.context.tolist() == plain(examples[0]['input'])

@@ -9,6 +9,8 @@ their demonstrations from the left.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -60,12 +62,15 @@ def assert_close(got, want):
 SPEC = EpisodeSpec(prompt_len=P, max_len=64, buckets=(16, 32))
 CASES = [('kv', 0), ('kv', 9), ('embeds', 0), ('embeds', 7), (None, 0), (None, 12),
          ('kv', 54), (None, 57)]  # the last two: every row or some rows cut X^L
+BOS_SPEC = dataclasses.replace(SPEC, bos_id=1)  # a tokenizer that adds BOS (Llama's)
 
 
-def test_each_job_equals_recomputing_every_pair(lm):
-  """Context reuse changes nothing: per task, encoded once, = every pair's full LM half."""
+@pytest.mark.parametrize('spec', [SPEC, BOS_SPEC], ids=['no_bos', 'bos'])
+def test_each_job_equals_recomputing_every_pair(lm, spec):
+  """Context reuse changes nothing: per task, encoded once, = every pair's full LM half (with
+  BOS first when the tokenizer adds one)."""
   for i, (kind, n_demo) in enumerate(CASES):
-    job = make_job(lm, kind, n_demo, 5, i, SPEC)
+    job = make_job(lm, kind, n_demo, 5, i, spec)
     assert_close(scoring.score_jobs(lm.module, lm.params, [job])[0],
                  scoring.recompute_scores(lm.module, lm.params, job, rows=8))
 
@@ -96,20 +101,22 @@ def test_not_vacuous_prompts_and_demos_reach_the_rows(lm):
     assert max(float(np.max(np.abs(x - y))) for x, y in zip(a, b)) > 1e-3
 
 
-def test_rows_cut_like_build_lm_half(lm):
-  """With X^L of 54 tokens in a 60-position budget, a row's context X^L[start:] and query are,
-  together, build_lm_half's left-cut (X^L + x): start 0 when it all fits; rows with the same cut
-  share one context; a cut past X^L cuts x itself."""
-  job = make_job(lm, 'kv', 54, 8, 3, SPEC)
+@pytest.mark.parametrize('spec', [SPEC, BOS_SPEC], ids=['no_bos', 'bos'])
+def test_rows_cut_like_build_lm_half(lm, spec):
+  """With X^L of 54 tokens in a 60-position budget, a row's context (BOS,) X^L[start:] and query
+  are, together, build_lm_half's left-cut (X^L + x): start 0 when it all fits; rows with the same
+  cut share one context; a cut past X^L cuts x itself; BOS is never cut."""
+  job = make_job(lm, 'kv', 54, 8, 3, spec)
   job.queries.append((np.arange(1, 70, dtype=np.int32),) * 2 + ([np.asarray([3], np.int32)],))
   rows = scoring.job_rows(job)
   pairs = [(xf, xr, y) for xf, xr, opts in job.queries for y in opts]
   assert len(rows) == len(pairs)
   for (start, query, y), (xf, xr, y_want) in zip(rows, pairs):
-    want = build_lm_half(job.demos, xf, xr, y_want, SPEC)
+    want = build_lm_half(job.demos, xf, xr, y_want, spec)
     np.testing.assert_array_equal(y, want.target)
-    np.testing.assert_array_equal(np.concatenate([job.demos[start:], query]), want.context)
-    assert (start == 0) == (len(job.demos) + len(xr) + len(y) <= SPEC.lm_budget)
+    np.testing.assert_array_equal(np.concatenate([job.context_tokens(start), query]), want.context)
+    assert list(want.context[:len(spec.bos)]) == list(spec.bos)
+    assert (start == 0) == (len(spec.bos) + len(job.demos) + len(xr) + len(y) <= spec.lm_budget)
   starts = [start for start, _, _ in rows]
   assert 0 in starts and len(job.demos) in starts and len(set(starts)) > 2
   assert len(set(starts)) < len(rows)  # shared cuts

@@ -15,10 +15,10 @@ collate_lm); an episode is the pair, its batch both halves' keys (collate).
 Scoring and prompt tuning use the LM half alone, prompt generation the PGM half.
 
 Batch layout (numpy):
-  pgm_ids   [B, Tp] int32  X^P then P placeholder slots, LEFT-padded (slots are
+  pgm_ids   [B, Tp] int32  (BOS,) X^P then P placeholder slots, LEFT-padded (slots are
                            always the last P positions)
   pgm_mask  [B, Tp] int32  1 on real tokens and slots
-  lm_ids    [B, Tl] int32  X^L, x, y, right-padded
+  lm_ids    [B, Tl] int32  (BOS,) X^L, x, y, right-padded
   lm_mask   [B, Tl] int32
   target_pos  [B, Y] int32  positions in lm_ids whose next token is a y token
   target_ids  [B, Y] int32  the y tokens
@@ -46,14 +46,22 @@ class EpisodeSpec:
   max_len: int = 1024  # the model's limit (GPT-2: n_positions)
   buckets: tuple[int, ...] = ()  # sequence lengths to pad to; () = powers of two up to max_len
   target_buckets: tuple[int, ...] = (4, 8, 16, 32, 64, 128, 256)
+  # The tokenizer's BOS when it adds one (Llama; tasks.bos_token): the first token of every
+  # sequence the PGM or the LM reads, as tokenizer(text) puts it. None: no BOS (GPT-2).
+  bos_id: int | None = None
 
   @property
   def pgm_budget(self) -> int:
-    return self.max_len - self.prompt_len  # X^P tokens; the P slots follow
+    return self.max_len - self.prompt_len  # BOS and X^P tokens; the P slots follow
 
   @property
   def lm_budget(self) -> int:
     return self.max_len - self.prompt_len  # the prompt takes positions 0..P-1
+
+  @property
+  def bos(self) -> np.ndarray:
+    """[BOS] (int32), or no token when the tokenizer adds none."""
+    return np.asarray([] if self.bos_id is None else [self.bos_id], np.int32)
 
   def with_prompt_len(self, prompt_len: int) -> 'EpisodeSpec':
     """This spec with room for a prompt of `prompt_len` positions (sequences are cut to
@@ -93,15 +101,16 @@ def left_truncate(x: np.ndarray, n: int) -> np.ndarray:
 
 @dataclasses.dataclass
 class LMHalf:
-  """What the frozen LM reads and scores: X^L + x (cut from the left to fit), then y."""
-  context: np.ndarray  # X^L + x
+  """What the frozen LM reads and scores: BOS (if any), X^L + x (cut from the left to fit),
+  then y."""
+  context: np.ndarray  # BOS, X^L + x
   target: np.ndarray  # y
 
 
 @dataclasses.dataclass
 class Episode:
   """A meta-training episode: the PGM half (X^P, truncated) and the LM half."""
-  pgm_tokens: np.ndarray  # X^P, truncated
+  pgm_tokens: np.ndarray  # BOS (if any) and X^P, truncated
   lm: LMHalf
 
   @property
@@ -114,15 +123,17 @@ class Episode:
 
 
 def build_pgm_half(pgm_tokens: np.ndarray, spec: EpisodeSpec) -> np.ndarray:
-  """X^P cut from the left so that it and the P slots fit the model."""
-  return left_truncate(pgm_tokens, spec.pgm_budget)
+  """BOS (if any), then X^P cut from the left so that they and the P slots fit the model."""
+  return np.concatenate([spec.bos, left_truncate(pgm_tokens, spec.pgm_budget - len(spec.bos))])
 
 
 def build_lm_half(demo_tokens: np.ndarray, x_first: np.ndarray, x_rest: np.ndarray,
                   y: np.ndarray, spec: EpisodeSpec) -> LMHalf:
-  """(X^L, x) cut from the left to fit after the prompt; x is bare when X^L is empty."""
+  """BOS (if any), then (X^L, x) cut from the left to fit after the prompt; x is bare when X^L
+  is empty."""
   x = x_rest if len(demo_tokens) else x_first
-  return LMHalf(left_truncate(np.concatenate([demo_tokens, x]), spec.lm_budget - len(y)), y)
+  seq = left_truncate(np.concatenate([demo_tokens, x]), spec.lm_budget - len(y) - len(spec.bos))
+  return LMHalf(np.concatenate([spec.bos, seq]).astype(np.int32), y)
 
 
 def make_episode(task: TokenizedTask, prompt_idx: Sequence[int], demo_idx: Sequence[int],

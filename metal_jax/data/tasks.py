@@ -205,6 +205,18 @@ def tokenizer_fingerprint(tokenizer) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def bos_token(tokenizer) -> int | None:
+  """The BOS id the tokenizer puts first in tokenizer(text) (Llama's), or None (GPT-2's adds
+  nothing). Tasks are tokenised in pieces without special tokens; EpisodeSpec.bos_id puts it
+  back where transformers' own tokenisation has it, at the start of each sequence."""
+  bos = getattr(tokenizer, 'bos_token_id', None)
+  if bos is None:
+    return None
+  text = 'a b'
+  plain = tokenizer(text, add_special_tokens=False)['input_ids']
+  return bos if tokenizer(text)['input_ids'][:len(plain) + 1] == [bos] + plain else None
+
+
 def _file_digest(path: str) -> str:
   h = hashlib.sha256()
   with open(path, 'rb') as f:

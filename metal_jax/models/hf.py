@@ -354,11 +354,29 @@ def load_lm(path_or_hub_id: str, *, dtype: str = 'float32', param_dtype: str | N
 
 
 def load_tokenizer(directory: str):
+  """The checkpoint's tokenizer (AutoTokenizer), or None if it has no tokenizer files.
+
+  A Llama checkpoint whose only tokenizer file is a bare sentencepiece `tokenizer.model` (as
+  Meta's original downloads ship it) gets LlamaTokenizer with Llama's BOS added, which
+  AutoTokenizer would not choose without a tokenizer_config.json (converting the model needs
+  `sentencepiece`)."""
   names = ('tokenizer.json', 'tokenizer_config.json', 'vocab.json', 'tokenizer.model')
-  if not any(os.path.exists(os.path.join(directory, n)) for n in names):
+  present = [n for n in names if os.path.exists(os.path.join(directory, n))]
+  if not present:
     return None
+  if present == ['tokenizer.model'] and _model_type(directory) == 'llama':
+    from transformers import LlamaTokenizer
+    return LlamaTokenizer.from_pretrained(directory, add_bos_token=True)
   from transformers import AutoTokenizer
   return AutoTokenizer.from_pretrained(directory)
+
+
+def _model_type(directory: str) -> str | None:
+  try:
+    with open(os.path.join(directory, CONFIG_FILE)) as f:
+      return json.load(f).get('model_type')
+  except (OSError, ValueError):
+    return None  # read_hf_config names the problem when the model loads
 
 
 def save_lm(directory: str, config, params: dict, tokenizer=None) -> None:

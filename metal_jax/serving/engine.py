@@ -55,11 +55,14 @@ def _set_slot(table: KV, slot: jax.Array, kv: KV) -> KV:
 
 class SlotTable:
   """Active prompts' encoded contexts on the device, stacked on a slot axis (JetStream's adapter
-  slots): k, v [L, S, C, K, H], each slot's length [S]; least recently used slot evicted."""
+  slots): k, v [L, S, C, K, H], each slot's length [S]; least recently used slot evicted.
+  A slot holds [prompt ; lead]: lead is the spec's BOS when the tokenizer adds one (a served
+  query then reads what eval's rows read, scoring.Job.context_tokens with no X^L)."""
 
-  def __init__(self, module, params, n_slots: int, width: int):
+  def __init__(self, module, params, n_slots: int, width: int, lead: np.ndarray | None = None):
     cfg = module.config
     self.module, self.params = module, params
+    self.lead = np.zeros(0, np.int32) if lead is None else np.asarray(lead, np.int32)
     self.width = gen.bucket(width)
     shape = (cfg.n_layers, n_slots, self.width, cfg.n_kv_heads, cfg.head_dim)
     self.kv = KV(jnp.zeros(shape, cfg.jnp_dtype), jnp.zeros(shape, cfg.jnp_dtype))
@@ -86,7 +89,7 @@ class SlotTable:
       if key in self.slots:
         continue
       # Encoded before a slot is taken: a failure leaves the table as it was.
-      ctx = scoring.encode_context(self.module, self.params, prompt_of(key), np.zeros(0, np.int32))
+      ctx = scoring.encode_context(self.module, self.params, prompt_of(key), self.lead)
       if ctx.length > self.width:
         raise ValueError(f'a prompt of {ctx.length} positions exceeds the slot width {self.width}')
       if self.free:
@@ -148,10 +151,10 @@ class Engine:
     self.store = PromptStore(store_dir or os.path.join(workdir, 'prompts'), self.identity,
                              host_budget_bytes)
     c = tr.lm.config
-    width = gen.bucket(tr.pgm_cfg.prompt_len)
+    width = gen.bucket(tr.pgm_cfg.prompt_len + len(self.spec.bos))
     per_slot = 2 * c.n_layers * width * c.n_kv_heads * c.head_dim * jnp.dtype(c.jnp_dtype).itemsize
     n_slots = max(1, min(slots, device_budget_bytes // per_slot))
-    self.slots = SlotTable(tr.lm.module, tr.lm.params, n_slots, width)
+    self.slots = SlotTable(tr.lm.module, tr.lm.params, n_slots, width, self.spec.bos)
     self.max_rows = max_rows
     self.max_examples = max_examples
     self.max_example_len = int(cfg.max_example_len)
@@ -230,6 +233,7 @@ class Engine:
     n = min(n, self.max_input_tokens)
     if not n:
       raise RequestError('input', 'tokenises to nothing (generation needs at least a token)')
+    n += len(self.spec.bos)
     if gen._learned_positions(self.lm.module):  # a position table bounds prompt + input + output
       limit = self.lm.config.max_len
       if prompt.length + n + r.params.max_new_tokens - 1 > limit:
@@ -279,8 +283,9 @@ class Engine:
     if not requests:
       return []
     prompts = [self.check(r) for r in requests]
-    ids = [self._input_ids(self._bounded('input', r.input))[-self.max_input_tokens:]
-           for r in requests]
+    # BOS (if the tokenizer adds one) first, as tokenizer(text) gives it; the input's tail fits.
+    ids = [self.spec.bos.tolist() + self._input_ids(self._bounded('input', r.input))[
+        -self.max_input_tokens:] for r in requests]
     keys = jnp.stack([jax.random.key(r.seed) for r in requests])
     return gen.generate(self.lm.module, self.lm.params, prompts, ids,
                         [r.params for r in requests], rng=keys, tokenizer=self.tokenizer)

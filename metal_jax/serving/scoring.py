@@ -209,18 +209,24 @@ class Job:
   queries: Sequence[tuple[np.ndarray, np.ndarray, Sequence[np.ndarray]]]
   spec: EpisodeSpec
 
+  def context_tokens(self, start: int) -> np.ndarray:
+    """The tokens after the prompt of a row whose X^L is cut at `start`: BOS (if any) and
+    X^L[start:]."""
+    return np.concatenate([self.spec.bos, np.asarray(self.demos[start:], np.int32)])
+
 
 def job_rows(job: Job) -> list[tuple[int, np.ndarray, np.ndarray]]:
   """Per (query, option): (start, query tokens, option tokens). The row reads the context
-  [prompt ; X^L[start:]] then its query and option: start 0 when everything fits the budget;
+  [prompt ; BOS ; X^L[start:]] (`Job.context_tokens`; no BOS for a tokenizer that adds none)
+  then its query and option: start 0 when everything fits the budget;
   otherwise build_lm_half's left cut of (X^L + x) lands in X^L at `start` (rows with the same
   cut share that context) or, past X^L (start = len(X^L)), in x itself, which is then cut."""
   out = []
-  n_demo = len(job.demos)
+  n_demo, n_bos = len(job.demos), len(job.spec.bos)
   for x_first, x_rest, options in job.queries:
     x = np.asarray(x_rest if n_demo else x_first, np.int32)
     for y in options:
-      cut = max(0, n_demo + len(x) + len(y) - job.spec.lm_budget)
+      cut = max(0, n_bos + n_demo + len(x) + len(y) - job.spec.lm_budget)
       out.append((min(cut, n_demo), x[max(0, cut - n_demo):], np.asarray(y, np.int32)))
   return out
 
@@ -247,7 +253,7 @@ def score_jobs(module: CausalLM, params: dict, jobs: Sequence[Job], *, rows_per_
   def length(key):
     j, start = key
     p = 0 if jobs[j].prompt is None else jobs[j].prompt.length
-    return p + len(jobs[j].demos) - start
+    return p + len(jobs[j].context_tokens(start))
 
   keys = sorted(groups, key=lambda k: (specs.index(jobs[k[0]].spec), length(k)))
   while keys:
@@ -258,7 +264,7 @@ def score_jobs(module: CausalLM, params: dict, jobs: Sequence[Job], *, rows_per_
       window.append(keys.pop(0))
     contexts, rows, where = [], [], []
     for e, (j, start) in enumerate(window):
-      contexts.append(encode_context(module, params, jobs[j].prompt, jobs[j].demos[start:]))
+      contexts.append(encode_context(module, params, jobs[j].prompt, jobs[j].context_tokens(start)))
       for jj, q, o, query, y in groups[(j, start)]:
         rows.append(Row(e, query, y))
         where.append((jj, q, o))
