@@ -152,6 +152,7 @@ class MethodOutput:
   forward_passes: int = 0
   backward_passes: int = 0
   note: str = ''
+  text: str | None = None  # the prompt as text, when the method wrote one (else decoded tokens)
 
 
 def load_task_seeds(data_dir, tasks: Sequence[str], seeds: Sequence[int], tokenizer,
@@ -190,6 +191,7 @@ class Context:
   spec: EpisodeSpec
   split: tuple[int, int]  # (n_P, n_L)
   others: dict  # (task, seed) -> another test task's train split (the metal_shuffled control)
+  tokenizer: Any = None  # text <-> ids: discrete prompts (RLPrompt's decoding; readable prompts)
 
 
 def method_prompt(name: str, method, hp, ts: TaskSeed, ctx: Context, rng) -> MethodOutput:
@@ -203,10 +205,13 @@ def _mean_metrics(rows: Sequence[dict]) -> dict:
 
 def evaluate(lm, pgm_cfg, trainable, task_seeds: Sequence[TaskSeed], spec: EpisodeSpec,
              methods: Sequence[tuple[str, Any, Any]], split: tuple[int, int], out_dir: str, *,
-             seed: int = 0, progress: bool = True) -> dict:
+             seed: int = 0, progress: bool = True, tokenizer=None) -> dict:
   """Runs every method on every task and seed; writes predictions; returns results.json's content.
 
   `methods`: (name, method, hyperparameters) triples (metal_jax.methods.REGISTRY's objects).
+  Each finished (method, task, seed) is recorded under out_dir/done as it completes, and a
+  record found there is used instead of redoing it: an interrupted evaluation continues.
+  `tokenizer` decodes discrete prompts into readable text (results and predictions files).
   """
   tasks = list(dict.fromkeys(ts.task for ts in task_seeds))
   names = [name for name, _, _ in methods]
@@ -217,69 +222,102 @@ def evaluate(lm, pgm_cfg, trainable, task_seeds: Sequence[TaskSeed], spec: Episo
   # The control: X^P taken from the next test task (same seed).
   others = {(ts.task, ts.seed): by_key[(tasks[(tasks.index(ts.task) + 1) % len(tasks)], ts.seed)].train
             for ts in task_seeds}
-  results = {'split': list(split), 'seeds': sorted({ts.seed for ts in task_seeds}),
-             'tasks': tasks, 'methods': {}}
-  ctx = Context(lm, pgm_cfg, trainable, spec, tuple(split), others)
-  bar = tqdm(total=len(methods) * len(tasks), desc='evaluate', dynamic_ncols=True,
+  seeds = sorted({ts.seed for ts in task_seeds})
+  results = {'split': list(split), 'seeds': seeds, 'tasks': tasks, 'methods': {}}
+  ctx = Context(lm, pgm_cfg, trainable, spec, tuple(split), others, tokenizer)
+  bar = tqdm(total=len(methods) * len(task_seeds), desc='evaluate', dynamic_ncols=True,
              disable=not progress)
   for name, method_obj, hp in methods:
-    method = name
-    per_task, walls, fwd, bwd, notes = {}, [], [], [], set()
+    records = {}
     for task in tasks:
-      # One (method, task) at a time: its seeds' prompts, then their rows scored together, then
-      # a record of it on disk, so that an interrupted evaluation continues from here.
-      record = os.path.join(out_dir, 'done', method, f'{task}.json')
-      if os.path.exists(record):
-        with open(record) as f:
-          done = json.load(f)
-      else:
-        done = _evaluate_task(name, method_obj, hp, [ts for ts in task_seeds if ts.task == task],
-                              ctx, lm, spec, seed, out_dir, bar)
-        _write_json_atomic(record, done)
-      per_task[task] = {'seeds': done['seeds'], 'mean': _mean_metrics(list(done['seeds'].values()))}
-      walls += done['walls']
-      fwd += done['forward']
-      bwd += done['backward']
-      notes |= set(done['notes'])
-      bar.update(1)
-    results['methods'][method] = {
-        'tasks': per_task,
-        'mean': _mean_metrics([v['mean'] for v in per_task.values()]),
-        'cost': {'forward_passes_per_task': float(np.mean(fwd)),
-                 'backward_passes_per_task': float(np.mean(bwd)),
-                 'median_wall_s_per_task': float(np.median(walls))},
-        'note': '; '.join(sorted(notes)),
-    }
+      mine = [ts for ts in task_seeds if ts.task == task]
+      path = lambda ts: os.path.join(out_dir, 'done', name, task, f'{ts.seed}.json')
+      todo = []
+      for ts in mine:
+        if os.path.exists(path(ts)):
+          with open(path(ts)) as f:
+            records[(task, ts.seed)] = json.load(f)
+          bar.update(1)
+        else:
+          todo.append(ts)
+      for ts, rec in _evaluate_seeds(name, method_obj, hp, todo, ctx, seed, out_dir, bar):
+        _write_json_atomic(path(ts), rec)
+        records[(task, ts.seed)] = rec
+    results['methods'][name] = _method_summary(tasks, seeds, records)
   bar.close()
   return results
 
 
-def _evaluate_task(method: str, method_obj, hp, task_seeds: Sequence[TaskSeed], ctx: Context, lm,
-                   spec: EpisodeSpec, seed: int, out_dir: str, bar) -> dict:
-  """One method on one task's seeds: prompts, scores, predictions files; the task's record."""
-  walls, fwd, bwd, notes, jobs = [], [], [], [], []
-  for ts in task_seeds:
+def _method_summary(tasks: Sequence[str], seeds: Sequence[int], records: dict) -> dict:
+  """A method's results from its (task, seed) records: per task the seeds' metrics and mean;
+  the mean over tasks and the standard deviation over seeds of the per-seed task means (the
+  paper's "mean (std)"); costs per task and seed; notes; readable prompts."""
+  per_task = {}
+  for t in tasks:
+    rows = {str(s): records[(t, s)]['metrics'] for s in seeds}
+    per_task[t] = {'seeds': rows, 'mean': _mean_metrics(list(rows.values()))}
+    texts = {str(s): records[(t, s)]['prompt_text'] for s in seeds
+             if records[(t, s)].get('prompt_text') is not None}
+    if texts:
+      per_task[t]['prompt_text'] = texts
+  by_seed = [_mean_metrics([records[(t, s)]['metrics'] for t in tasks]) for s in seeds]
+  recs = list(records.values())
+  return {
+      'tasks': per_task,
+      'mean': _mean_metrics([v['mean'] for v in per_task.values()]),
+      'std_over_seeds': {k: float(np.std([r[k] for r in by_seed])) for k in by_seed[0]},
+      'cost': {'forward_passes_per_task': float(np.mean([r['forward'] for r in recs])),
+               'backward_passes_per_task': float(np.mean([r['backward'] for r in recs])),
+               'median_wall_s_per_task': float(np.median([r['wall'] for r in recs]))},
+      'note': '; '.join(sorted({r['note'] for r in recs if r['note']})),
+  }
+
+
+# Seeds whose prompts took this long in all are scored and recorded before the next seed's
+# prompt: cheap methods score a task's seeds in one batched call, a per-task tuner (seconds to
+# minutes a seed) keeps every finished seed.
+RECORD_EVERY_S = 30.0
+
+
+def _evaluate_seeds(method: str, method_obj, hp, task_seeds: Sequence[TaskSeed], ctx: Context,
+                    seed: int, out_dir: str, bar):
+  """Yields (task seed, record) for one method on one task's seeds: prompts, scores (several
+  seeds in one call, until their prompts took RECORD_EVERY_S), predictions files."""
+  group, spent = [], 0.0
+  for i, ts in enumerate(task_seeds):
     bar.set_postfix(method=method, task=ts.task)
     rng = jax.random.key(zlib.crc32(f'{seed}/{method}/{ts.task}/{ts.seed}'.encode()))
     t0 = time.perf_counter()
     out = method_prompt(method, method_obj, hp, ts, ctx, rng)
     jax.block_until_ready(out.prompt)
-    walls.append(time.perf_counter() - t0)
-    fwd.append(out.forward_passes)
-    bwd.append(out.backward_passes)
-    if out.note:
-      notes.append(out.note)
-    # A prompt longer than spec.prompt_len (BBTv2's 50) leaves fewer positions for the input.
-    spec_m = spec if out.prompt is None else spec.with_prompt_len(out.prompt.length)
-    jobs.append(task_job(out.prompt, ts.train, out.demo_idx, ts.test, spec_m))
-  seeds = {}
-  for ts, scores in zip(task_seeds, score_tasks(lm.module, lm.params, jobs)):
-    preds = predict(scores, ts.test, method=method, task=ts.task, seed=ts.seed)
-    seeds[str(ts.seed)] = metrics(preds, list(ts.test.raw['output']))
-    write_predictions(os.path.join(out_dir, 'predictions', method, f'{ts.task}_{ts.seed}.jsonl'),
-                      ts.test, scores, preds)
-  return {'seeds': seeds, 'walls': walls, 'forward': fwd, 'backward': bwd,
-          'notes': sorted(set(notes))}
+    wall = time.perf_counter() - t0
+    group.append((ts, out, wall))
+    spent += wall
+    if spent < RECORD_EVERY_S and i + 1 < len(task_seeds):
+      continue
+    jobs = []
+    for ts_, out_, _ in group:
+      # A prompt longer than spec.prompt_len (BBTv2's 50) leaves fewer positions for the input.
+      spec_m = ctx.spec if out_.prompt is None else ctx.spec.with_prompt_len(out_.prompt.length)
+      jobs.append(task_job(out_.prompt, ts_.train, out_.demo_idx, ts_.test, spec_m))
+    for (ts_, out_, wall_), scores in zip(group, score_tasks(ctx.lm.module, ctx.lm.params, jobs)):
+      preds = predict(scores, ts_.test, method=method, task=ts_.task, seed=ts_.seed)
+      text = out_.text if out_.text is not None else prompt_text(ctx.tokenizer, out_.prompt)
+      write_predictions(os.path.join(out_dir, 'predictions', method,
+                                     f'{ts_.task}_{ts_.seed}.jsonl'), ts_.test, scores, preds, text)
+      bar.update(1)
+      yield ts_, {'metrics': metrics(preds, list(ts_.test.raw['output'])), 'wall': wall_,
+                  'forward': out_.forward_passes, 'backward': out_.backward_passes,
+                  'note': out_.note, 'prompt_text': text}
+    group, spent = [], 0.0
+
+
+def prompt_text(tokenizer, prompt: pgm.Prompt | None) -> str | None:
+  """A discrete prompt's tokens (the PGM's discrete design, RLPrompt's, AutoPrompt's) decoded to
+  text, so a user can read what was written; None for continuous prompts or no tokenizer."""
+  if prompt is None or prompt.tokens is None or tokenizer is None:
+    return None
+  return tokenizer.decode(np.asarray(prompt.tokens)[0].tolist())
 
 
 def _write_json_atomic(path: str, obj) -> None:
@@ -290,13 +328,17 @@ def _write_json_atomic(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
-def write_predictions(path: str, queries: TokenizedTask, scores, preds) -> None:
+def write_predictions(path: str, queries: TokenizedTask, scores, preds,
+                      prompt_text: str | None = None) -> None:
+  """One JSON line per query: input, options, scores, prediction, gold (and the prompt's text
+  when it is readable)."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
+  extra = {} if prompt_text is None else {'prompt_text': prompt_text}
   with open(path, 'w') as f:
     for q, (s, p) in enumerate(zip(scores, preds)):
       f.write(json.dumps({'input': queries.raw['input'][q], 'options': queries.raw['options'][q],
                           'scores': [float(x) for x in s], 'prediction': p,
-                          'gold': queries.raw['output'][q]}) + '\n')
+                          'gold': queries.raw['output'][q], **extra}) + '\n')
 
 
 def recompute_from_predictions(out_dir: str, results: dict) -> dict:
@@ -330,13 +372,16 @@ def write_report(out_dir: str, results: dict) -> str:
            'Mean over tasks of the mean over seeds (percent). MetaICL macro-F1 averages over gold '
            'classes only and gives a never-predicted class precision 1; sklearn macro-F1 is '
            "scikit-learn's (zero_division=0).", '',
-           '| method | ' + ' | '.join(METRIC_NAMES.values()) + ' |',
-           '|---|' + '---|' * len(METRIC_NAMES)]
+           'The std column is the standard deviation over seeds of the per-seed mean over tasks '
+           '(MetaICL macro-F1).', '',
+           '| method | ' + ' | '.join(METRIC_NAMES.values()) + ' | std over seeds |',
+           '|---|' + '---|' * (len(METRIC_NAMES) + 1)]
   for m in methods:
     mean = results['methods'][m]['mean']
-    lines.append(f'| {m} | ' + ' | '.join(f'{mean[k]:.2f}' for k in METRIC_NAMES) + ' |')
+    lines.append(f'| {m} | ' + ' | '.join(f'{mean[k]:.2f}' for k in METRIC_NAMES) +
+                 f' | {results["methods"][m]["std_over_seeds"]["metaicl_f1"]:.2f} |')
   for name, why in results.get('not_implemented', {}).items():
-    lines.append(f'| {name} | not implemented: {why} |' + ' |' * (len(METRIC_NAMES) - 1))
+    lines.append(f'| {name} | not implemented: {why} |' + ' |' * len(METRIC_NAMES))
   lines += ['', '## MetaICL macro-F1 per task', '',
             '| task | ' + ' | '.join(methods) + ' |', '|---|' + '---|' * len(methods)]
   for task in results['tasks']:
@@ -350,12 +395,19 @@ def write_report(out_dir: str, results: dict) -> str:
     lines.append(f'| {m} | {c["forward_passes_per_task"]:.0f} | '
                  f'{c["backward_passes_per_task"]:.0f} | {1e3 * c["median_wall_s_per_task"]:.1f} | '
                  f'{results["methods"][m]["note"]} |')
+  texts = [(m, t, s, x) for m in methods for t, v in results['methods'][m]['tasks'].items()
+           for s, x in v.get('prompt_text', {}).items()]
+  if texts:
+    lines += ['', '## Discrete prompts, as text', '', '| method | task | seed | prompt |',
+              '|---|---|---|---|']
+    lines += [f'| {m} | {t} | {s} | {_md_cell(x)} |' for m, t, s, x in texts]
   md = '\n'.join(lines) + '\n'
   with open(os.path.join(out_dir, 'results.md'), 'w') as f:
     f.write(md)
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+  plot_f1_vs_cost(results, os.path.join(out_dir, 'f1_vs_cost.png'))
   fig, ax = plt.subplots(figsize=(1.2 * len(methods) + 2, 4))
   vals = [results['methods'][m]['mean']['metaicl_f1'] for m in methods]
   ax.bar(methods, vals, color='tab:blue')
@@ -368,3 +420,38 @@ def write_report(out_dir: str, results: dict) -> str:
   fig.savefig(os.path.join(out_dir, 'f1.png'), dpi=100)
   plt.close(fig)
   return md
+
+
+def _md_cell(text: str) -> str:
+  """Text shown literally in a markdown table cell: newlines escaped, pipes quoted."""
+  return json.dumps(text, ensure_ascii=False)[1:-1].replace('|', '\\|')
+
+
+def plot_f1_vs_cost(results: dict, path: str) -> None:
+  """The trade-off picture: mean MetaICL F1 (error bars: std over seeds) against the per-task
+  cost of building the prompt, in LM passes (forward + backward; symmetric-log axis, so the
+  free methods sit at 0) and in median wall time (log axis); one point per method."""
+  import matplotlib.pyplot as plt
+  methods = list(results['methods'])
+  f1 = [results['methods'][m]['mean']['metaicl_f1'] for m in methods]
+  err = [results['methods'][m]['std_over_seeds']['metaicl_f1'] for m in methods]
+  cost = [results['methods'][m]['cost'] for m in methods]
+  passes = [c['forward_passes_per_task'] + c['backward_passes_per_task'] for c in cost]
+  walls = [max(c['median_wall_s_per_task'], 1e-4) for c in cost]
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+  for ax, xs, label in ((axes[0], passes, 'LM passes per task (forward + backward)'),
+                        (axes[1], walls, 'median wall time per task (s)')):
+    for m, x, y, e in zip(methods, xs, f1, err):
+      ax.errorbar([x], [y], yerr=[e], fmt='o', capsize=3)
+      ax.annotate(m, (x, y), textcoords='offset points', xytext=(4, 4), fontsize=8)
+    ax.set_xlabel(label)
+    ax.grid(alpha=0.3)
+  axes[0].set_xscale('symlog', linthresh=1)
+  axes[1].set_xscale('log')
+  axes[0].set_ylabel('MetaICL macro-F1 (mean over tasks)')
+  n_p, n_l = results['split']
+  fig.suptitle(f'quality against prompt-construction cost, unseen tasks, (n_P, n_L) = '
+               f'({n_p}, {n_l})')
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

@@ -80,7 +80,7 @@ def main(*, workdir: str, split: Sequence[str] = (), seeds: Sequence[str] = ('10
            workdir, len(setting['test']), len(seed_list), split_t, method_list)
 
   final = out or os.path.join(workdir, 'eval')
-  # Finished (method, task) records go to FINAL.partial: a rerun of the same evaluation (same
+  # Finished (method, task, seed) records go to FINAL.partial: a rerun of the same evaluation (same
   # checkpoint, tasks, seeds, split, methods and hyperparameters) continues from them; any other
   # evaluation starts afresh. eval/ itself is replaced only when everything is done.
   tmp = f'{final}.partial'
@@ -97,7 +97,7 @@ def main(*, workdir: str, split: Sequence[str] = (), seeds: Sequence[str] = ('10
     resumable = False
   if resumable:
     n = sum(len(fs) for _, _, fs in os.walk(os.path.join(tmp, 'done')))
-    log.info('continuing the evaluation in %s: %d (method, task) finished', tmp, n)
+    log.info('continuing the evaluation in %s: %d (method, task, seed) finished', tmp, n)
   else:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -107,14 +107,15 @@ def main(*, workdir: str, split: Sequence[str] = (), seeds: Sequence[str] = ('10
   try:
     triples = [(m, methods_lib.REGISTRY[m], hp[m]) for m in method_list]
     results = evaluation.evaluate(lm, pgm_cfg, trainable, task_seeds, spec, triples, split_t,
-                                  tmp, seed=config.seed, progress=progress)
+                                  tmp, seed=config.seed, progress=progress,
+                                  tokenizer=tokenizer)
     results['hparams'] = {m: dataclasses.asdict(hp[m]) for m in method_list}
     results.update(overlap_with_meta_train=overlap, max_test_examples=max_test_examples)
     results.update(checkpoint_step=step, workdir=os.path.abspath(workdir),
                    not_implemented=not_implemented, wall_s=time.time() - t0)
     md = evaluation.write_report(tmp, results)
   except BaseException:
-    # The finished (method, task) records stay for a rerun; the earlier eval/ stays as it was.
+    # The finished (method, task, seed) records stay for a rerun; the earlier eval/ stays as it was.
     log.warning('evaluation stopped; what finished is kept in %s: rerun the same command to '
                 'continue', tmp)
     raise

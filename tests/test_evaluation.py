@@ -351,6 +351,41 @@ def test_metal_shuffled_reads_another_tasks_examples_same_seed(lm, tok, tmp_path
   np.testing.assert_allclose([r['scores'] for r in rows], np.stack(want), rtol=1e-6)
 
 
+def test_discrete_prompts_are_written_as_text(lm, tok, tmp_path):
+  """The discrete design's prompt (argmax tokens at inference) is decoded with the tokenizer into
+  results.json, results.md and every predictions row, so a user can read what the PGM wrote;
+  continuous prompts have no text."""
+  d = str(tmp_path / 'suite')
+  setting = synthetic.write_suite(d, n_train_tasks=0, n_test_tasks=2, n_train_examples=1,
+                                  n_test_examples=3)
+  task_seeds = evaluation.load_task_seeds(d, setting['test'], [100], tok,
+                                          str(tmp_path / 'cache'), 256)
+  spec = EpisodeSpec(n_prompt_examples=16, prompt_len=P, max_len=128)
+  out = str(tmp_path / 'out')
+  results = {}
+  for design in ('discrete', 'prefix'):
+    cfg = pgm.PGMConfig(prompt_len=P, lstm_layers=1, design=design,
+                        lora=lora.LoraConfig(rank=4, alpha=8.0))
+    trainable = pgm.init_trainable(jax.random.key(0), lm.config, cfg)
+    triples = [('metal', methods.REGISTRY['metal'], methods.NoHparams())]
+    results[design] = evaluation.evaluate(lm, cfg, trainable, task_seeds, spec, triples, (16, 0),
+                                          os.path.join(out, design), progress=False, tokenizer=tok)
+    if design == 'discrete':
+      ts = task_seeds[0]
+      prompt = evaluation.prompt_for(cfg, lm.module, lm.params, trainable, ts.train,
+                                     range(16), spec)
+      want = tok.decode(np.asarray(prompt.tokens)[0].tolist())
+      assert len(np.asarray(prompt.tokens)[0]) == P and want.strip()
+      got = results[design]['methods']['metal']['tasks'][ts.task]['prompt_text']
+      assert got == {'100': want}
+      rows = read_jsonl(os.path.join(out, design, 'predictions', 'metal', f'{ts.task}_100.jsonl'))
+      assert [r['prompt_text'] for r in rows] == [want] * len(rows)
+      md = evaluation.write_report(os.path.join(out, design), {**results[design],
+                                                               'not_implemented': {}})
+      assert f'| metal | {ts.task} | 100 | {evaluation._md_cell(want)} |' in md
+  assert 'prompt_text' not in results['prefix']['methods']['metal']['tasks'][ts.task]
+
+
 # ----------------------------------------------------------------------------- 4. end to end
 
 
@@ -398,7 +433,7 @@ def read_jsonl(path):
 def test_end_to_end_outputs_are_consistent(trained_run):
   workdir, md = trained_run
   out = os.path.join(workdir, 'eval')
-  for name in ('results.json', 'results.md', 'f1.png'):
+  for name in ('results.json', 'results.md', 'f1.png', 'f1_vs_cost.png'):
     assert os.path.isfile(os.path.join(out, name)), name
   with open(os.path.join(out, 'results.json')) as f:
     results = json.load(f)
@@ -446,9 +481,15 @@ def test_end_to_end_outputs_are_consistent(trained_run):
         per_seed.append(f1)
       per_task.append(np.mean(per_seed))
     assert mean['metaicl_f1'] == pytest.approx(np.mean(per_task), abs=1e-9)
-    # results.md prints each method's mean MetaICL F1 (first metric column) as stored.
+    # The spread over seeds: the std of the per-seed means over tasks.
+    by_seed = [np.mean([results['methods'][m]['tasks'][t]['seeds'][str(s)]['metaicl_f1']
+                        for t in tasks]) for s in E2E_SEEDS]
+    std = results['methods'][m]['std_over_seeds']['metaicl_f1']
+    assert std == pytest.approx(np.std(by_seed), abs=1e-9)
+    # results.md prints each method's mean MetaICL F1 (first metric column) and that std as stored.
     row = next(line for line in md.splitlines() if line.startswith(f'| {m} |'))
     assert row.split('|')[2].strip() == f'{mean["metaicl_f1"]:.2f}'
+    assert row.split('|')[5].strip() == f'{std:.2f}'
 
   # Costs: prompt construction only (scoring excluded).
   cost = {m: results['methods'][m]['cost'] for m in E2E_METHODS}
@@ -476,6 +517,37 @@ def snapshot(directory: str) -> dict:
       with open(p, 'rb') as fh:
         out[os.path.relpath(p, directory)] = hashlib.sha256(fh.read()).hexdigest()
   return out
+
+
+def test_an_interrupted_task_keeps_its_finished_seeds(trained_run, tmp_path, monkeypatch):
+  """A method whose prompts are slow (here: every prompt counts as slow) scores and records each
+  seed as it finishes: a failure at a task's second seed keeps the first, and the rerun scores
+  only what was missing, to the numbers of an uninterrupted evaluation."""
+  src, _ = trained_run
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(src, workdir)
+  first = json.load(open(os.path.join(workdir, 'eval', 'results.json')))
+  monkeypatch.setattr(evaluation, 'RECORD_EVERY_S', 0.0)
+  orig, calls, fail = evaluation.score_tasks, [], [True]
+
+  def failing(module, params, jobs, *a, **kw):
+    calls.append(len(jobs))
+    if len(calls) == 2 and fail[0]:
+      fail[0] = False
+      raise RuntimeError('injected failure')
+    return orig(module, params, jobs, *a, **kw)
+
+  monkeypatch.setattr(evaluation, 'score_tasks', failing)
+  with pytest.raises(RuntimeError, match='injected failure'):
+    run_eval.main(workdir=workdir, seeds=['100', '13'], methods=['metal'], progress=False)
+  task = first['tasks'][0]
+  done = os.path.join(workdir, 'eval.partial', 'done', 'metal', task)
+  assert calls == [1, 1] and os.listdir(done) == ['100.json']  # seed 100 kept, 13 failed
+  calls.clear()
+  run_eval.main(workdir=workdir, seeds=['100', '13'], methods=['metal'], progress=False)
+  assert calls == [1, 1, 1]  # the first task's seed 13, then the second task's two seeds
+  resumed = json.load(open(os.path.join(workdir, 'eval', 'results.json')))
+  assert resumed['methods']['metal']['tasks'] == first['methods']['metal']['tasks']
 
 
 def test_rerun_replaces_eval_and_failed_rerun_leaves_it_intact_and_continues(
