@@ -139,13 +139,15 @@ def pretrain(model_cfg: GPT2Config, tasks: list[TokenizedTask], tokenizer, cfg: 
   step = make_step(module, tx, model_cfg.embed_param)
 
   t0, loss = time.time(), float('nan')  # steps=0: the randomly initialised LM, saved as is
+  curve = []  # [step, loss] every 10 steps and the last: pretrain.json's loss curve
   bar = tqdm(range(cfg.steps), desc='pretrain base LM', dynamic_ncols=True, disable=not progress)
   for s in bar:
     frozen = cfg.freeze_embeddings_after_copy and 0 < cfg.copy_steps <= s
     tokens = lm_batch(tasks, cfg, s, model_cfg.vocab_size)
     params, opt_state, loss = step(params, opt_state, jnp.asarray(tokens), jnp.float32(not frozen))
-    if s % 20 == 0 or s == cfg.steps - 1:
-      bar.set_postfix(loss=f'{float(loss):.3f}')
+    if s % 10 == 0 or s == cfg.steps - 1:
+      curve.append([s, float(loss)])
+      bar.set_postfix(loss=f'{curve[-1][1]:.3f}')
     if s == cfg.copy_steps - 1:  # about 2.0 once the induction circuit has formed, ln(vocab) before
       log.info('induction warm-up: %d steps, last loss %.3f', cfg.copy_steps, float(loss))
   log.info('pretrained the base LM: %d steps in %.0f s, final loss %.3f', cfg.steps,
@@ -154,7 +156,7 @@ def pretrain(model_cfg: GPT2Config, tasks: list[TokenizedTask], tokenizer, cfg: 
   shutil.rmtree(tmp, ignore_errors=True)
   save_lm(tmp, model_cfg, params, tokenizer)
   with open(os.path.join(tmp, 'pretrain.json'), 'w') as f:
-    json.dump({'key': key, 'steps': cfg.steps, 'final_loss': float(loss)}, f)
+    json.dump({'key': key, 'steps': cfg.steps, 'final_loss': float(loss), 'losses': curve}, f)
   shutil.rmtree(out_dir, ignore_errors=True)
   os.replace(tmp, out_dir)
   return out_dir
