@@ -33,6 +33,8 @@ flags.DEFINE_integer('max_test_examples', 0, 'cap each test split at a seeded sa
                      '(quick looks); 0: every example, as the paper\'s protocol')
 flags.DEFINE_bool('allow_overlap', False, 'evaluate test tasks the run meta-trained on (marked in '
                   'results.json)')
+flags.DEFINE_string('analysis', '', 'instead of --methods: "iterative" (MetaL over 16, 32 and 64 '
+                    'examples per test task, one PGM pass per n_P; written to WORKDIR/eval_iterative)')
 flags.DEFINE_bool('debug', False, 'show the traceback of a user\'s mistake too')
 
 
@@ -47,7 +49,8 @@ def main(argv):
     return run_eval.main(workdir=f.workdir, split=f.split, seeds=f.seeds, methods=f.methods,
                          hparams=f.hparams, bbt_budget=f.bbt_budget, out=f.out,
                          progress=f.progress, setting_path=setting, data_dir=f.data_dir,
-                         max_test_examples=f.max_test_examples, allow_overlap=f.allow_overlap)
+                         max_test_examples=f.max_test_examples, allow_overlap=f.allow_overlap,
+                         analysis=f.analysis)
 
   md = errors.run_cli('eval.py', run)
   print(md)

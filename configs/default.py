@@ -23,6 +23,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.n_prompt_examples = 16  # n_P: examples the PGM reads
   c.n_lm_examples = 0  # n_L: demonstrations the frozen LM sees
+  # Iterative generation: PGM passes per episode, each reading n_P more examples and the previous
+  # pass's prompt; the loss averages every pass's prompt (eval.py --analysis=iterative uses it).
+  c.prompt_chunks = 1
   c.max_example_len = 256  # tokens per example (input cut from the left)
   c.max_len = 0  # sequence limit; 0 = the model's (GPT-2: n_positions)
   c.max_examples_per_task = 16384

@@ -118,17 +118,31 @@ def predict(scores: list[np.ndarray], queries: TokenizedTask, *, method: str = '
 
 
 def prompt_for(cfg: pgm.PGMConfig, module, params, trainable, demos: TokenizedTask,
-               prompt_idx: Sequence[int], spec: EpisodeSpec) -> pgm.Prompt:
-  """One PGM forward pass over X^P (the examples prompt_idx of `demos`) -> a batch-1 prompt."""
+               prompt_idx: Sequence[int], spec: EpisodeSpec,
+               prev: pgm.Prompt | None = None) -> pgm.Prompt:
+  """One PGM forward pass over X^P (the examples prompt_idx of `demos`) -> a batch-1 prompt;
+  `prev`: the prompt of the examples before (iterative generation)."""
   tokens = build_pgm_half(concat_examples(demos, prompt_idx), spec)
   b = collate_pgm([tokens], spec, pgm_length([tokens], spec))
   return _generate(cfg, module, params, trainable, jnp.asarray(b['pgm_ids']),
-                   jnp.asarray(b['pgm_mask']))
+                   jnp.asarray(b['pgm_mask']), prev)
+
+
+def iterative_prompt(cfg: pgm.PGMConfig, module, params, trainable, demos: TokenizedTask,
+                     idx: Sequence[int], spec: EpisodeSpec) -> tuple[pgm.Prompt, int]:
+  """(prompt, PGM passes) for more examples than one pass reads: idx in chunks of n_P, each
+  pass reading its chunk and the previous pass's prompt (the paper's iterative generation)."""
+  n = spec.n_prompt_examples
+  chunks = [list(idx[i:i + n]) for i in range(0, len(idx), n)]
+  prompt = None
+  for chunk in chunks:
+    prompt = prompt_for(cfg, module, params, trainable, demos, chunk, spec, prompt)
+  return prompt, len(chunks)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _generate(cfg, module, params, trainable, ids, mask):
-  return pgm.generate(cfg, module, params, trainable, ids, mask, train=False)
+def _generate(cfg, module, params, trainable, ids, mask, prev=None):
+  return pgm.generate(cfg, module, params, trainable, ids, mask, train=False, prev=prev)
 
 
 
@@ -156,20 +170,23 @@ class MethodOutput:
 
 
 def load_task_seeds(data_dir, tasks: Sequence[str], seeds: Sequence[int], tokenizer,
-                    cache_dir: str, max_example_len: int, k: int = 16) -> list[TaskSeed]:
+                    cache_dir: str, max_example_len: int, k: int = 16,
+                    train_k: int = 0) -> list[TaskSeed]:
   """Each test task's k-shot train and test files per seed; data_dir: a tasks.TaskLocator
-  (experiment.data_location's) or one data directory."""
+  (experiment.data_location's) or one data directory. train_k > 0 reads the train split from
+  the train_k-shot file instead (more examples: iterative generation)."""
   from metal_jax.data.tasks import TaskLocator
   locator = TaskLocator.of(data_dir)
+  k_train = train_k or k
   out = []
   for task in tasks:
     for seed in seeds:
-      train = load_tokenized(locator.task_file(task, k, seed, 'train'), tokenizer, cache_dir,
-                             max_example_len)
+      train = load_tokenized(locator.task_file(task, k_train, seed, 'train'), tokenizer,
+                             cache_dir, max_example_len)
       test = load_tokenized(locator.task_file(task, k, seed, 'test'), tokenizer, cache_dir,
                             max_example_len)
-      if len(train) < k:
-        raise DataError(f'{train.path}: {len(train)} examples, the protocol needs {k}')
+      if len(train) < k_train:
+        raise DataError(f'{train.path}: {len(train)} examples, the protocol needs {k_train}')
       out.append(TaskSeed(task, seed, train, test))
   return out
 
@@ -317,7 +334,7 @@ def prompt_text(tokenizer, prompt: pgm.Prompt | None) -> str | None:
   text, so a user can read what was written; None for continuous prompts or no tokenizer."""
   if prompt is None or prompt.tokens is None or tokenizer is None:
     return None
-  return tokenizer.decode(np.asarray(prompt.tokens)[0].tolist())
+  return tokenizer.decode(np.asarray(prompt.tokens)[0].tolist(), clean_up_tokenization_spaces=False)
 
 
 def _write_json_atomic(path: str, obj) -> None:

@@ -14,6 +14,7 @@ import dataclasses
 from typing import Any, ClassVar, Sequence
 
 from metal_jax import evaluation
+from metal_jax.data.tasks import DataError
 from metal_jax.errors import FlagError
 from metal_jax.baselines import bbtv2, metal_tune, p_tuning, prefix_tuning, soft_prompt
 from metal_jax.evaluation import Context, MethodOutput, TaskSeed
@@ -93,6 +94,28 @@ class MetaLTune(Tuned):
     res = self.module.run(ctx.lm.module, ctx.lm.params, ts.train, few_shot_idx(ts), ctx.spec,
                           hp, rng=rng, init_prompt=init.prompt)
     return dataclasses.replace(res, forward_passes=res.forward_passes + init.forward_passes)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class IterativeHparams:
+  examples: int = 64  # the first `examples` of the task's train split, n_P a PGM pass
+
+
+class MetaLIterative(Method):
+  """Iterative generation (the paper's extension): the PGM reads the task's first `examples`
+  examples n_P at a time, each pass refining the previous pass's prompt; one prompt for the
+  task, one PGM pass per n_P examples (eval.py --analysis=iterative; not in the registry: it
+  needs train splits of more than 16 examples)."""
+  Hparams = IterativeHparams
+
+  def prompt(self, ctx, ts, hp, rng):
+    if len(ts.train) < hp.examples:
+      raise DataError(f'{ts.train.path}: {len(ts.train)} examples; iterative generation over '
+                      f'{hp.examples} needs that many')
+    prompt, passes = evaluation.iterative_prompt(
+        ctx.pgm_cfg, ctx.lm.module, ctx.lm.params, ctx.trainable, ts.train, range(hp.examples),
+        ctx.spec)
+    return MethodOutput(prompt, evaluation.split_indices(*ctx.split)[1], forward_passes=passes)
 
 
 class NotImplementedMethod(Method):

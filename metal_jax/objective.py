@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from metal_jax import pgm
+from metal_jax.data.episodes import pgm_chunk_keys
 
 
 def token_nll(logits, target_ids, target_mask):
@@ -43,11 +44,21 @@ def score(module, params: dict, prompt: pgm.Prompt | None, lm_half: dict, **kw
 
 def nll_sum(cfg: pgm.PGMConfig, module, params: dict, trainable: dict, batch: dict, *,
             rng: jax.Array | None = None, train: bool = True) -> tuple[jax.Array, jax.Array]:
-  """(sum of y-token NLLs, number of y tokens) for a batch of episodes: PGM pass, then score."""
-  prompt = pgm.generate(cfg, module, params, trainable, batch['pgm_ids'], batch['pgm_mask'],
-                        rng=rng, train=train)
-  total, count = score(module, params, prompt, batch)
-  return total.sum(), count.sum()
+  """(sum of y-token NLLs, number of y tokens) for a batch of episodes: PGM pass, then score.
+
+  Iterative generation (batch keys pgm_ids_1, ...: episodes.pgm_chunk_keys): pass i reads its
+  examples and pass i-1's prompt, and every pass's prompt is scored, so the loss is the mean
+  over the passes (each prompt, not only the last, must serve the LM)."""
+  total = count = jnp.float32(0)
+  prompt, i = None, 0
+  while pgm_chunk_keys(i)[0] in batch:
+    ids, mask = pgm_chunk_keys(i)
+    r = None if rng is None else (rng if i == 0 else jax.random.fold_in(rng, i))
+    prompt = pgm.generate(cfg, module, params, trainable, batch[ids], batch[mask], rng=r,
+                          train=train, prev=prompt)
+    t, c = score(module, params, prompt, batch)
+    total, count, i = total + t.sum(), count + c.sum(), i + 1
+  return total, count
 
 
 def loss(cfg: pgm.PGMConfig, module, params: dict, trainable: dict, batch: dict, *,

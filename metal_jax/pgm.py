@@ -158,15 +158,21 @@ def padding_embeddings(lm_config, cfg: PGMConfig, trainable: dict) -> jax.Array:
 
 
 def generate(cfg: PGMConfig, module, params: dict, trainable: dict, pgm_ids, pgm_mask, *,
-             rng: jax.Array | None = None, train: bool = False) -> Prompt:
+             rng: jax.Array | None = None, train: bool = False,
+             prev: Prompt | None = None) -> Prompt:
   """One PGM forward pass over X^P (left-padded, the last P slots are the padding) -> Prompt,
-  constrained to its logical axes (Prompt.constrained) when traced on a mesh."""
+  constrained to its logical axes (Prompt.constrained) when traced on a mesh.
+
+  Iterative generation (the paper's extension for more examples than fit): `prev`, the prompt
+  generated from the previous examples (B rows, this design's), is read by the PGM before X^P
+  as the frozen LM reads a prompt (keys/values as its prefix, embeddings before the input), at
+  positions 0..P-1, X^P following; the new prompt refines it with the next examples."""
   return _generate(cfg, module, params, trainable, pgm_ids, pgm_mask, rng=rng,
-                   train=train).constrained()
+                   train=train, prev=prev).constrained()
 
 
 def _generate(cfg: PGMConfig, module, params: dict, trainable: dict, pgm_ids, pgm_mask, *,
-              rng: jax.Array | None, train: bool) -> Prompt:
+              rng: jax.Array | None, train: bool, prev: Prompt | None = None) -> Prompt:
   lm_cfg = module.config
   b, t = pgm_ids.shape
   p = cfg.prompt_len
@@ -175,10 +181,23 @@ def _generate(cfg: PGMConfig, module, params: dict, trainable: dict, pgm_ids, pg
   slot = jnp.arange(t) >= t - p  # [T]
   embeds_mask = jnp.broadcast_to(slot, (b, t))
   positions = jnp.maximum(jnp.cumsum(pgm_mask, axis=1) - 1, 0)  # left padding: real tokens from 0
+  prefix, q = None, 0  # the previous prompt: q leading positions
+  if prev is not None:
+    q = prev.length
+    positions = positions + q
+    if prev.kv is not None:
+      prefix = prev.kv
+    else:  # embeddings: before the (left-padded) input, at positions 0..q-1
+      pgm_ids = jnp.concatenate([jnp.zeros((b, q), pgm_ids.dtype), pgm_ids], axis=1)
+      pgm_mask = jnp.concatenate([jnp.ones((b, q), pgm_mask.dtype), pgm_mask], axis=1)
+      input_embeds = jnp.concatenate([prev.embeds.astype(input_embeds.dtype), input_embeds], 1)
+      embeds_mask = jnp.concatenate([jnp.ones((b, q), bool), embeds_mask], axis=1)
+      positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(q), (b, q)), positions], axis=1)
+      t += q
   slot_pos = jnp.broadcast_to(jnp.arange(t - p, t), (b, p))
   design = cfg.design
   out = module.apply(
-      lora.variables(params, trainable['lora'], cfg.lora), pgm_ids, pgm_mask,
+      lora.variables(params, trainable['lora'], cfg.lora), pgm_ids, pgm_mask, prefix,
       input_embeds=input_embeds, embeds_mask=embeds_mask, positions=positions,
       logit_positions=slot_pos, return_kv=design == 'prefix',
       return_hidden=design == 'hidden_state',

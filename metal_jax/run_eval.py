@@ -27,21 +27,38 @@ def parse_ints(items: Sequence[str], flag: str) -> list[int]:
     raise FlagError(f'--{flag}={",".join(items)}: expected comma-separated integers') from None
 
 
+# The analyses (--analysis=NAME): methods by result name -> (method, hyperparameters), and the
+# size of the train splits they read (0: the protocol's 16).
+ANALYSES = {
+    'iterative': {
+        'methods': {f'metal_{n}': (methods_lib.MetaLIterative(),
+                                   methods_lib.IterativeHparams(examples=n)) for n in (16, 32, 64)},
+        'train_k': 64},
+}
+
+
 def main(*, workdir: str, split: Sequence[str] = (), seeds: Sequence[str] = ('100', '13', '21', '42'),
          methods: Sequence[str] = ('all',), hparams: Sequence[str] = (), bbt_budget: int = 0,
          out: str = '', progress: bool = True, setting_path: str = '', data_dir: str = '',
-         max_test_examples: int = 0, allow_overlap: bool = False) -> str:
+         max_test_examples: int = 0, allow_overlap: bool = False, analysis: str = '') -> str:
   """Lists are absl list flags' values (eval.py): --seeds=100,13 gives ['100', '13'].
 
   setting_path / data_dir (a setting file's path; directories as --config.data_dir takes them)
   evaluate on other tasks than the run's: test tasks the run meta-trained on are refused unless
   allow_overlap (then listed in results.json's overlap_with_meta_train). max_test_examples caps
   each test split at a seeded sample (kept in file order) for quick looks; 0: the whole split.
+
+  analysis: '' (the methods), or 'iterative': MetaL with 16, 32 and 64 examples of each test
+  task (ANALYSES), one PGM pass per n_P, written to WORKDIR/eval_iterative by default.
   """
+  if analysis and analysis not in ANALYSES:
+    raise FlagError(f'--analysis={analysis}: choose one of {sorted(ANALYSES)}')
   if max_test_examples < 0:
     raise FlagError(f'--max_test_examples={max_test_examples}: must be >= 0 (0: every example)')
   seed_list = parse_ints(seeds, 'seeds')  # the flags are checked before anything loads
   method_list, not_implemented = methods_lib.resolve(methods)
+  if analysis:
+    method_list, not_implemented = list(ANALYSES[analysis]['methods']), {}
   tr = experiment.load_trained(workdir)
   config, step = tr.config, tr.step
   split_t = tuple(parse_ints(split, 'split')) if split else (
@@ -53,6 +70,10 @@ def main(*, workdir: str, split: Sequence[str] = (), seeds: Sequence[str] = ('10
   bbt_budget = bbt_budget or int(config.get('eval', {}).get('bbt_budget', 0))
   base = {'bbtv2': methods_lib.REGISTRY['bbtv2'].Hparams(budget=bbt_budget)} if bbt_budget else {}
   hp = methods_lib.hparams_from(hparams, base)
+  registry = methods_lib.REGISTRY
+  if analysis:
+    registry = {m: obj for m, (obj, _) in ANALYSES[analysis]['methods'].items()}
+    hp = {m: h for m, (_, h) in ANALYSES[analysis]['methods'].items()}
 
   locator, run_setting = experiment.data_location(config, workdir)
   setting, overlap = run_setting, []
@@ -69,7 +90,7 @@ def main(*, workdir: str, split: Sequence[str] = (), seeds: Sequence[str] = ('10
   lm, pgm_cfg, spec, trainable, tokenizer = tr.lm, tr.pgm_cfg, tr.spec, tr.trainable, tr.tokenizer
   task_seeds = evaluation.load_task_seeds(
       locator, setting['test'], seed_list, tokenizer, os.path.join(workdir, 'cache', 'tokenized'),
-      config.max_example_len)
+      config.max_example_len, train_k=ANALYSES[analysis]['train_k'] if analysis else 0)
   if max_test_examples:
     for ts in task_seeds:
       if len(ts.test) > max_test_examples:
@@ -79,7 +100,7 @@ def main(*, workdir: str, split: Sequence[str] = (), seeds: Sequence[str] = ('10
   log.info('evaluating step %d of %s on %d test tasks x %d seeds, split %s, methods %s', step,
            workdir, len(setting['test']), len(seed_list), split_t, method_list)
 
-  final = out or os.path.join(workdir, 'eval')
+  final = out or os.path.join(workdir, f'eval_{analysis}' if analysis else 'eval')
   # Finished (method, task, seed) records go to FINAL.partial: a rerun of the same evaluation (same
   # checkpoint, tasks, seeds, split, methods and hyperparameters) continues from them; any other
   # evaluation starts afresh. eval/ itself is replaced only when everything is done.
@@ -105,7 +126,7 @@ def main(*, workdir: str, split: Sequence[str] = (), seeds: Sequence[str] = ('10
       json.dump(params, f)
   t0 = time.time()
   try:
-    triples = [(m, methods_lib.REGISTRY[m], hp[m]) for m in method_list]
+    triples = [(m, registry[m], hp[m]) for m in method_list]
     results = evaluation.evaluate(lm, pgm_cfg, trainable, task_seeds, spec, triples, split_t,
                                   tmp, seed=config.seed, progress=progress,
                                   tokenizer=tokenizer)

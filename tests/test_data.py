@@ -523,6 +523,39 @@ def test_restore_refuses_changed_data(suite, tok, tmp_path):
 
 # ----------------------------------------------------------------------------- 7. truncation
 
+def test_iterative_episodes_draw_disjoint_chunks_from_one_task(suite):
+  """prompt_chunks = 2: each episode draws 2 n_P + n_L + 1 distinct examples of one task; the
+  second PGM pass reads the next n_P (pgm_ids_1, padded like pgm_ids); with one chunk the draws
+  and the batch are what they were."""
+  _, _, tasks = suite
+  spec = EpisodeSpec(n_prompt_examples=3, n_lm_examples=1, prompt_len=4, max_len=128,
+                     prompt_chunks=2)
+  b = EpisodeSampler(tasks, spec, batch_size=4, seed=SEED).batch(0)
+  assert b['pgm_ids_1'].shape == b['pgm_ids'].shape == b['pgm_mask_1'].shape
+  for i in range(4):
+    rng = np.random.default_rng([SEED, 0, i])
+    task = tasks[rng.integers(len(tasks))]
+    idx = rng.choice(len(task), 2 * 3 + 1 + 1, replace=False)
+    assert len(set(idx.tolist())) == 8
+    for key, chunk in (('pgm_ids', idx[:3]), ('pgm_ids_1', idx[3:6])):
+      want = E.concat_examples(task, chunk)
+      n = len(want)
+      assert b[key][i, -4 - n:-4].tolist() == want.tolist()
+      assert int(b[key.replace('ids', 'mask')][i].sum()) == n + 4
+    half = E.build_lm_half(E.concat_examples(task, idx[6:7]), task.input_first[idx[7]],
+                           task.input_rest[idx[7]], task.output_ids[idx[7]], spec)
+    assert b['lm_ids'][i, :len(half.context)].tolist() == half.context.tolist()
+  one = dataclasses.replace(spec, prompt_chunks=1)
+  b1 = EpisodeSampler(tasks, one, batch_size=4, seed=SEED).batch(0)
+  assert 'pgm_ids_1' not in b1
+  for i in range(4):  # the first chunk and the LM half come from the same draw's positions
+    e1 = EpisodeSampler(tasks, one, batch_size=4, seed=SEED).episode(0, i)
+    rng = np.random.default_rng([SEED, 0, i])
+    task = tasks[rng.integers(len(tasks))]
+    idx = rng.choice(len(task), 3 + 1 + 1, replace=False)
+    assert e1.pgm_tokens.tolist() == E.concat_examples(task, idx[:3]).tolist()
+
+
 # Short enough that X^P and X^L + x are cut.
 SMALL = EpisodeSpec(n_prompt_examples=8, n_lm_examples=6, prompt_len=8, max_len=48)
 

@@ -86,3 +86,34 @@ def test_one_prompt_broadcasts_to_the_rows(lm):
   np.testing.assert_allclose(np.asarray(a[0]), np.asarray(b[0]), rtol=TOL)
   with pytest.raises(ValueError, match='batch 2 cannot serve 3 rows'):
     objective.score(lm.module, lm.params, prompts('prefix', lm.config, 2), half)
+
+
+def test_iterative_episodes_average_every_passes_loss(lm):
+  """With two PGM passes (pgm_ids_1: iterative generation), the loss is the mean over the passes
+  of the LM's NLL under each pass's prompt, the second pass reading the first's prompt."""
+  from metal_jax import lora
+  cfg = pgm.PGMConfig(prompt_len=P, lstm_layers=1, lora=lora.LoraConfig(rank=2, alpha=4.0))
+  trainable = pgm.init_trainable(jax.random.key(0), lm.config, cfg)
+  trainable['lora'] = jax.tree.map(lambda x: 0.05 * jnp.ones_like(x), trainable['lora'])
+  rng = np.random.default_rng(1)
+  chunks = []
+  for _ in range(2):
+    ids = np.zeros((B, 9), np.int32)
+    mask = np.zeros((B, 9), np.int32)
+    ids[:, 9 - P - 3:9 - P] = rng.integers(1, 100, (B, 3))
+    mask[:, 9 - P - 3:] = 1
+    chunks.append((jnp.asarray(ids), jnp.asarray(mask)))
+  half = lm_half(seed=2)
+  batch = {**half, 'pgm_ids': chunks[0][0], 'pgm_mask': chunks[0][1],
+           'pgm_ids_1': chunks[1][0], 'pgm_mask_1': chunks[1][1]}
+  first = pgm.generate(cfg, lm.module, lm.params, trainable, *chunks[0])
+  second = pgm.generate(cfg, lm.module, lm.params, trainable, *chunks[1], prev=first)
+  sums = [objective.score(lm.module, lm.params, p, half) for p in (first, second)]
+  want = sum(float(t.sum()) for t, _ in sums) / sum(float(c.sum()) for _, c in sums)
+  got = float(objective.loss(cfg, lm.module, lm.params, trainable, batch, train=False))
+  assert got == pytest.approx(want, rel=1e-6)
+  one = float(objective.loss(cfg, lm.module, lm.params, trainable,
+                             {**half, 'pgm_ids': chunks[0][0], 'pgm_mask': chunks[0][1]},
+                             train=False))
+  assert one == pytest.approx(float(sums[0][0].sum() / sums[0][1].sum()), rel=1e-6)
+  assert abs(got - one) > 1e-4

@@ -109,6 +109,50 @@ def test_hidden_state_weighted_sum_and_discrete_follow_the_lms_outputs(pair):
   np.testing.assert_allclose(np.asarray(prompt.embeds), table[logits.argmax(-1)], atol=1e-6)
 
 
+def test_an_iterative_pass_reads_the_previous_prompt_first(pair):
+  """Iterative generation: the PGM reads the previous prompt at positions 0..q-1, then X^P from
+  q. An embeddings prompt is transformers' forward on [prompt ; X^P ; padding] with those
+  positions; a key/value prompt (the same embeddings' keys/values) gives the same prompt."""
+  name, lm, hf = pair
+  c = lm.config
+  cfg = pgm.PGMConfig(prompt_len=P, design='prefix',
+                      lora=lora.LoraConfig(rank=2, targets=('q', 'v')))
+  tr = trainable_with_padding(lm, cfg)
+  ids, mask = pgm_batch(seed=5)
+  q = 3
+  prev = np.asarray(0.5 * np.random.default_rng(0).normal(size=(B, q, c.d_model)), np.float32)
+  pad = np.asarray(pgm.padding_embeddings(c, cfg, tr), np.float32)
+  with torch.no_grad():
+    emb = hf.get_input_embeddings()(torch.tensor(ids, dtype=torch.long))
+    emb[:, N_X:] = torch.tensor(pad)
+    emb = torch.cat([torch.tensor(prev), emb], dim=1)
+    pos = np.concatenate([np.broadcast_to(np.arange(q), (B, q)),
+                          q + np.maximum(np.cumsum(mask, axis=1) - 1, 0)], axis=1)
+    out = hf(inputs_embeds=emb, attention_mask=torch.tensor(np.concatenate(
+        [np.ones((B, q), np.int32), mask], axis=1)),
+             position_ids=torch.tensor(pos, dtype=torch.long), use_cache=True)
+  got = pgm.generate(cfg, lm.module, lm.params, tr, jnp.asarray(ids), jnp.asarray(mask),
+                     prev=pgm.Prompt(embeds=jnp.asarray(prev)))
+  for i, layer in enumerate(out.past_key_values.layers):
+    k = layer.keys.permute(0, 2, 1, 3).numpy()[:, q + N_X:]
+    v = layer.values.permute(0, 2, 1, 3).numpy()[:, q + N_X:]
+    if name == 'llama':
+      k = np.asarray(rope.apply_rope(jnp.asarray(k), jnp.asarray(np.arange(P)[None] -
+                                                                  pos[:, q + N_X:]), c.inv_freq))
+    np.testing.assert_allclose(np.asarray(got.kv.k[i]), k, atol=TOL, rtol=0)
+    np.testing.assert_allclose(np.asarray(got.kv.v[i]), v, atol=TOL, rtol=0)
+  # The same previous prompt as keys/values (what the prefix design hands the next pass).
+  kv = lm.module.apply(lora.variables(lm.params, tr['lora'], cfg.lora),
+                       jnp.zeros((B, q), jnp.int32), jnp.ones((B, q), jnp.int32),
+                       input_embeds=jnp.asarray(prev), return_kv=True, return_logits=False).kv
+  again = pgm.generate(cfg, lm.module, lm.params, tr, jnp.asarray(ids), jnp.asarray(mask),
+                       prev=pgm.Prompt(kv=KV(kv.k, kv.v)))
+  np.testing.assert_allclose(np.asarray(again.kv.k), np.asarray(got.kv.k), atol=TOL, rtol=0)
+  np.testing.assert_allclose(np.asarray(again.kv.v), np.asarray(got.kv.v), atol=TOL, rtol=0)
+  alone = generate(cfg, lm, tr, ids, mask)
+  assert float(jnp.abs(alone.kv.v - got.kv.v).max()) > 1e-3  # the previous prompt is read
+
+
 def test_padding_is_trained_state_and_lora_starts_at_zero(gpt2_dir):
   lm = load_lm(str(gpt2_dir))
   cfg = pgm.PGMConfig(prompt_len=P, lstm_layers=1)

@@ -61,7 +61,8 @@ def test_layout_and_counts(suite):
     expected.add(f'{t}/{t}_16384_100_train.jsonl')
   for t in test:
     for s in S.SEEDS:
-      expected |= {f'{t}/{t}_16_{s}_train.jsonl', f'{t}/{t}_16_{s}_test.jsonl'}
+      expected |= {f'{t}/{t}_16_{s}_train.jsonl', f'{t}/{t}_16_{s}_test.jsonl',
+                   f'{t}/{t}_64_{s}_train.jsonl'}
   assert set(all_files(d)) == expected  # no leftover tmp files either
 
   for t in train:
@@ -74,6 +75,11 @@ def test_layout_and_counts(suite):
     assert all(r == tests[0] for r in tests)  # same evaluation split for every seed
     assert len(tests[0]) == SMALL['n_test_examples']
     assert all(len(r) == 16 for r in trains)
+    more = [read_jsonl(os.path.join(d, t, f'{t}_64_{s}_train.jsonl')) for s in S.SEEDS]
+    assert all(len(m) == 64 and m[:16] == r for m, r in zip(more, trains))  # the 16 come first
+    assert len({json.dumps(m[16:]) for m in more}) == len(S.SEEDS)
+    for rows in more:
+      check_rows(rows, t)
     assert len({json.dumps(r) for r in trains}) == len(S.SEEDS)  # different examples per seed
     for rows in tests + trains:
       check_rows(rows, t)

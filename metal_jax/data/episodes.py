@@ -23,6 +23,7 @@ Batch layout (numpy):
   target_pos  [B, Y] int32  positions in lm_ids whose next token is a y token
   target_ids  [B, Y] int32  the y tokens
   target_mask [B, Y] int32  1 where a y token is scored
+  pgm_ids_i, pgm_mask_i      iterative generation (spec.prompt_chunks > 1): pass i's PGM half
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ class EpisodeSpec:
   max_len: int = 1024  # the model's limit (GPT-2: n_positions)
   buckets: tuple[int, ...] = ()  # sequence lengths to pad to; () = powers of two up to max_len
   target_buckets: tuple[int, ...] = (4, 8, 16, 32, 64, 128, 256)
+  # Iterative generation: PGM passes per episode, each reading n_P more examples and the previous
+  # pass's prompt (pgm.generate's prev); the loss is the mean over the passes' prompts.
+  prompt_chunks: int = 1
   # The tokenizer's BOS when it adds one (Llama; tasks.bos_token): the first token of every
   # sequence the PGM or the LM reads, as tokenizer(text) puts it. None: no BOS (GPT-2).
   bos_id: int | None = None
@@ -112,6 +116,11 @@ class Episode:
   """A meta-training episode: the PGM half (X^P, truncated) and the LM half."""
   pgm_tokens: np.ndarray  # BOS (if any) and X^P, truncated
   lm: LMHalf
+  more_pgm: tuple[np.ndarray, ...] = ()  # iterative generation: the next passes' PGM halves
+
+  @property
+  def pgm_chunks(self) -> tuple[np.ndarray, ...]:
+    return (self.pgm_tokens,) + tuple(self.more_pgm)
 
   @property
   def lm_context(self) -> np.ndarray:
@@ -137,11 +146,14 @@ def build_lm_half(demo_tokens: np.ndarray, x_first: np.ndarray, x_rest: np.ndarr
 
 
 def make_episode(task: TokenizedTask, prompt_idx: Sequence[int], demo_idx: Sequence[int],
-                 query: int, spec: EpisodeSpec) -> Episode:
-  """One meta-training episode, all examples from `task`."""
+                 query: int, spec: EpisodeSpec,
+                 more_prompt_idx: Sequence[Sequence[int]] = ()) -> Episode:
+  """One meta-training episode, all examples from `task` (more_prompt_idx: the examples of the
+  iterative passes after the first)."""
   return Episode(build_pgm_half(concat_examples(task, prompt_idx), spec),
                  build_lm_half(concat_examples(task, demo_idx), task.input_first[query],
-                               task.input_rest[query], task.output_ids[query], spec))
+                               task.input_rest[query], task.output_ids[query], spec),
+                 tuple(build_pgm_half(concat_examples(task, i), spec) for i in more_prompt_idx))
 
 
 def collate_pgm(pgm_tokens: Sequence[np.ndarray], spec: EpisodeSpec,
@@ -179,9 +191,19 @@ def collate_lm(halves: Sequence[LMHalf], lm_len: int, target_len: int) -> dict[s
 
 def collate(episodes: Sequence[Episode], spec: EpisodeSpec, pgm_len: int, lm_len: int,
             target_len: int) -> dict[str, np.ndarray]:
-  """Episodes -> both halves' keys (the layout in the module docstring)."""
-  return {**collate_pgm([e.pgm_tokens for e in episodes], spec, pgm_len),
-          **collate_lm([e.lm for e in episodes], lm_len, target_len)}
+  """Episodes -> both halves' keys (the layout in the module docstring); iterative passes
+  after the first add pgm_ids_{i}, pgm_mask_{i} (i = 1, 2, ...: pgm_chunk_keys)."""
+  out = collate_lm([e.lm for e in episodes], lm_len, target_len)
+  for i in range(len(episodes[0].pgm_chunks)):
+    half = collate_pgm([e.pgm_chunks[i] for e in episodes], spec, pgm_len)
+    ids, mask = pgm_chunk_keys(i)
+    out.update({ids: half['pgm_ids'], mask: half['pgm_mask']})
+  return out
+
+
+def pgm_chunk_keys(i: int) -> tuple[str, str]:
+  """The batch keys of iterative pass i's PGM half: pgm_ids, pgm_mask; then pgm_ids_1, ..."""
+  return ('pgm_ids', 'pgm_mask') if i == 0 else (f'pgm_ids_{i}', f'pgm_mask_{i}')
 
 
 def pgm_length(pgm_tokens: Sequence[np.ndarray], spec: EpisodeSpec) -> int:
@@ -199,7 +221,7 @@ def lm_lengths(halves: Sequence[LMHalf], spec: EpisodeSpec) -> tuple[int, int]:
 
 def batch_shapes(episodes: Sequence[Episode], spec: EpisodeSpec) -> tuple[int, int, int]:
   """Bucketed (pgm_len, lm_len, target_len) that fit every episode."""
-  return (pgm_length([e.pgm_tokens for e in episodes], spec),
+  return (pgm_length([x for e in episodes for x in e.pgm_chunks], spec),
           *lm_lengths([e.lm for e in episodes], spec))
 
 
@@ -208,10 +230,10 @@ class EpisodeSampler:
 
   def __init__(self, tasks: Sequence[TokenizedTask], spec: EpisodeSpec, batch_size: int,
                seed: int, process_index: int = 0, process_count: int = 1):
-    need = spec.n_prompt_examples + spec.n_lm_examples + 1
+    need = spec.prompt_chunks * spec.n_prompt_examples + spec.n_lm_examples + 1
     small = [t.path for t in tasks if len(t) < need]
     if small:
-      raise ValueError(f'tasks with fewer than n_P + n_L + 1 = {need} examples: {small}')
+      raise ValueError(f'tasks with fewer than chunks x n_P + n_L + 1 = {need} examples: {small}')
     if batch_size % process_count:
       raise ValueError(f'batch_size={batch_size} is not divisible by {process_count} processes')
     self.tasks, self.spec, self.batch_size, self.seed = list(tasks), spec, batch_size, seed
@@ -222,17 +244,18 @@ class EpisodeSampler:
 
   @property
   def episodes_per_epoch(self) -> int:
-    per = self.spec.n_prompt_examples + self.spec.n_lm_examples + 1
+    spec = self.spec
+    per = spec.prompt_chunks * spec.n_prompt_examples + spec.n_lm_examples + 1
     return sum(len(t) // per for t in self.tasks)
 
   def episode(self, step: int, i: int) -> Episode:
     rng = np.random.default_rng([self.seed, step, i])
     task = self.tasks[rng.integers(len(self.tasks))]
     spec = self.spec
-    idx = rng.choice(len(task), spec.n_prompt_examples + spec.n_lm_examples + 1, replace=False)
-    prompt_idx = idx[:spec.n_prompt_examples]
-    demo_idx = idx[spec.n_prompt_examples:-1]
-    return make_episode(task, prompt_idx, demo_idx, int(idx[-1]), spec)
+    n_p, c = spec.n_prompt_examples, spec.prompt_chunks
+    idx = rng.choice(len(task), c * n_p + spec.n_lm_examples + 1, replace=False)
+    chunks = [idx[i * n_p:(i + 1) * n_p] for i in range(c)]
+    return make_episode(task, chunks[0], idx[c * n_p:-1], int(idx[-1]), spec, chunks[1:])
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
     """This process's rows of the global batch for `step`, padded to global bucket lengths."""

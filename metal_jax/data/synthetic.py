@@ -29,8 +29,9 @@ Files (MetaICL's contract): meta-train task T is ``T/T_16384_100_train.jsonl``;
 test task T has, for each seed s in SEEDS, ``T/T_16_{s}_train.jsonl`` (16
 examples that differ per seed and contain every trigger/cue of the task at
 least once) and ``T/T_16_{s}_test.jsonl`` (the same class-balanced evaluation
-examples for every seed). Each line is {"task", "input", "output", "options"};
-options are the task's label words in a fixed per-task order.
+examples for every seed), and ``T/T_64_{s}_train.jsonl`` (those 16, then 48 more, for
+iterative generation over more examples than one PGM pass reads). Each line is {"task",
+"input", "output", "options"}; options are the task's label words in a fixed per-task order.
 
 Test tasks are numbered first within each family (``kw_cls_000``...), then the
 meta-train tasks, and each task's randomness comes from (seed, family, number)
@@ -48,6 +49,7 @@ from metal_jax.data.tasks import meta_train_file, task_file
 
 SEEDS = (100, 13, 21, 42, 87)  # MetaICL's few-shot seeds
 K = 16  # examples per few-shot train file
+K_MORE = 64  # test tasks also get K_MORE-example train files (iterative generation's analysis)
 FORMAT_VERSION = 2  # bump when the generated content changes
 
 EOS = '<|endoftext|>'
@@ -247,8 +249,8 @@ def _write_jsonl(path: str, rows) -> None:
   _write_atomic(path, ''.join(json.dumps(r) + '\n' for r in rows))
 
 
-def few_shot_path(data_dir: str, task: str, seed: int, split: str) -> str:
-  return task_file(data_dir, task, K, seed, split)
+def few_shot_path(data_dir: str, task: str, seed: int, split: str, k: int = K) -> str:
+  return task_file(data_dir, task, k, seed, split)
 
 
 def _expected_files(data_dir: str, setting: dict):
@@ -258,6 +260,7 @@ def _expected_files(data_dir: str, setting: dict):
     for s in SEEDS:
       yield few_shot_path(data_dir, t, s, 'train')
       yield few_shot_path(data_dir, t, s, 'test')
+      yield few_shot_path(data_dir, t, s, 'train', K_MORE)
 
 
 def _shape() -> dict:
@@ -325,6 +328,10 @@ def write_suite(data_dir: str, *, seed: int = 0, n_train_tasks: int = 24, n_test
       shots = _few_shot_examples(name, spec, _rng(seed, family, number, 3, s))
       _write_jsonl(few_shot_path(data_dir, name, s, 'train'), shots)
       _write_jsonl(few_shot_path(data_dir, name, s, 'test'), test_rows)
+      # The same K examples first, then K_MORE - K more from a stream of their own (the K-example
+      # files, and so every K-shot number, are unchanged by them).
+      more = _test_examples(name, spec, K_MORE - K, _rng(seed, family, number, 4, s))
+      _write_jsonl(few_shot_path(data_dir, name, s, 'train', K_MORE), shots + more)
 
   setting = {'train': [_name(*t) for t in train], 'test': [_name(*t) for t in test]}
   _write_atomic(os.path.join(data_dir, 'setting.json'), json.dumps(setting, indent=2) + '\n')
