@@ -4,19 +4,27 @@ A method turns one test task under one seed into what the frozen LM gets for
 scoring: a prompt (or none) and the demonstrations X^L, with its cost in LM
 passes (`evaluation.MethodOutput`). Its hyperparameters are a frozen dataclass,
 `Hparams`, with the paper's values as defaults; eval.py's `--hparams=method.field=value`
-overrides fields by name (`hparams_from`). A method listed but not implemented
-(`not_implemented` says why) is reported as such in the results.
+overrides fields by name (`hparams_from`).
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
+import hashlib
+import json
+import logging
+import os
+import zlib
 from typing import Any, ClassVar, Sequence
+
+import jax
 
 from metal_jax import evaluation
 from metal_jax.data.tasks import DataError
 from metal_jax.errors import FlagError
-from metal_jax.baselines import bbtv2, metal_tune, p_tuning, prefix_tuning, soft_prompt
+from metal_jax.baselines import (autoprompt, bbtv2, metal_tune, metaprompting, p_tuning,
+                                 prefix_tuning, rlprompt, soft_prompt)
 from metal_jax.evaluation import Context, MethodOutput, TaskSeed
 
 
@@ -25,13 +33,13 @@ class NoHparams:
   """A method without hyperparameters."""
 
 
-class Method:
+class Method(abc.ABC):
   """The interface: `prompt(ctx, ts, hp, rng) -> MethodOutput` for one task and seed."""
   Hparams: ClassVar[type] = NoHparams
-  not_implemented: ClassVar[str] = ''  # non-empty: listed, not implemented, and why
 
+  @abc.abstractmethod
   def prompt(self, ctx: Context, ts: TaskSeed, hp, rng) -> MethodOutput:
-    raise NotImplementedError(self.not_implemented)
+    """What the frozen LM gets for task-seed `ts`: a prompt, demonstrations, the cost."""
 
 
 def few_shot_idx(ts: TaskSeed) -> list[int]:
@@ -118,9 +126,80 @@ class MetaLIterative(Method):
     return MethodOutput(prompt, evaluation.split_indices(*ctx.split)[1], forward_passes=passes)
 
 
-class NotImplementedMethod(Method):
-  def __init__(self, why: str):
-    self.not_implemented = why
+class AutoPrompt(Tuned):
+  """AutoPrompt's trigger search; candidates limited to the tokenizer's ids (an embedding table
+  padded past them, as GPT-2's checkpoints may be, has rows no text maps to)."""
+
+  def __init__(self):
+    super().__init__(autoprompt)
+
+  def tune(self, ctx, ts, hp, rng):
+    if not hp.vocab_limit and ctx.tokenizer is not None:
+      hp = dataclasses.replace(hp, vocab_limit=len(ctx.tokenizer))
+    return super().tune(ctx, ts, hp, rng)
+
+
+class RLPrompt(Tuned):
+  """RLPrompt's policy, trained on the 16 examples; its prompt is decoded to text and
+  re-tokenised with the run's tokenizer, as the task LM would be handed it."""
+
+  def __init__(self):
+    super().__init__(rlprompt)
+
+  def tune(self, ctx, ts, hp, rng):
+    if ctx.tokenizer is None:
+      raise ValueError('rlprompt needs the run\'s tokenizer (evaluation.Context.tokenizer)')
+    return self.module.run(ctx.lm.module, ctx.lm.params, ts.train, few_shot_idx(ts), ctx.spec,
+                           hp, rng=rng, tokenizer=ctx.tokenizer)
+
+
+class MetaPrompting(Method):
+  """MetaPrompting: a soft-prompt initialisation meta-trained (FOMAML) once on the run's
+  meta-train tasks, cached in the run's workdir, then adapted to each test task's 16 examples.
+  The meta-training's passes are a one-off cost, like the PGM's training: they are stated in the
+  note, not in the per-task cost."""
+  Hparams = metaprompting.Hparams
+
+  def __init__(self):
+    self._loaded: dict[str, tuple] = {}
+
+  def init(self, ctx, hp):
+    """(init_embeds [P, D], meta) for hp: from memory, the cache file, or meta-trained now."""
+    if ctx.meta_tasks is None:
+      raise ValueError('metaprompting needs the run\'s meta-train tasks (evaluation.Context)')
+    tasks = ctx.meta_tasks()
+    meta = metaprompting.init_meta(hp, tasks, run=ctx.run_key)
+    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(ctx.cache_dir, f'metaprompting-{key}.npz')
+    if path not in self._loaded:
+      if os.path.exists(path):
+        init, saved = metaprompting.load_init(path)
+        if {k: saved.get(k) for k in meta} != meta:
+          raise ValueError(f'{path}: a cached MetaPrompting init of other tasks or '
+                           'hyperparameters under this key; delete it to meta-train again')
+        meta = saved
+      else:
+        logging.getLogger('metal_jax').info(
+            'metaprompting: meta-training the prompt initialisation on %d tasks (%d steps)',
+            len(tasks), hp.meta_steps)
+        rng = jax.random.key(zlib.crc32(f'{ctx.run_key}/metaprompting'.encode()))
+        init, losses, stats = metaprompting.meta_train(ctx.lm.module, ctx.lm.params, tasks,
+                                                       ctx.spec, hp, rng=rng)
+        meta = {**meta, 'forward_passes': stats['forward_passes'],
+                'backward_passes': stats['backward_passes'], 'query_loss_after': losses}
+        os.makedirs(ctx.cache_dir, exist_ok=True)
+        metaprompting.save_init(path, init, meta)
+      self._loaded[path] = (init, meta)
+    return self._loaded[path]
+
+  def prompt(self, ctx, ts, hp, rng):
+    init, meta = self.init(ctx, hp)
+    res = metaprompting.run(ctx.lm.module, ctx.lm.params, ts.train, few_shot_idx(ts), ctx.spec,
+                            hp, rng=rng, init_embeds=init)
+    note = (f'meta-trained once on {meta["n_tasks"]} tasks: {meta["forward_passes"]} forward + '
+            f'{meta["backward_passes"]} backward passes, not in the per-task cost')
+    return MethodOutput(res.prompt, evaluation.split_indices(*ctx.split)[1], res.forward_passes,
+                        res.backward_passes, note)
 
 
 REGISTRY: dict[str, Method] = {
@@ -133,31 +212,27 @@ REGISTRY: dict[str, Method] = {
     'prefix_tuning': Tuned(prefix_tuning),
     'metal_tune': MetaLTune(metal_tune),
     'bbtv2': Tuned(bbtv2),
-    'rlprompt': NotImplementedMethod('RLPrompt (Deng et al. 2022) is not implemented yet'),
+    'autoprompt': AutoPrompt(),
+    'rlprompt': RLPrompt(),
+    'metaprompting': MetaPrompting(),
 }
 
 
-def implemented() -> list[str]:
-  return [n for n, m in REGISTRY.items() if not m.not_implemented]
-
-
-def resolve(names: Sequence[str]) -> tuple[list[str], dict[str, str]]:
-  """(--methods' implemented methods in order, {listed but not implemented: why}); 'all' = every one."""
+def resolve(names: Sequence[str]) -> list[str]:
+  """--methods' names in order; 'all' = every registered method. An unknown name is an error."""
   names = [n.strip() for n in names if n.strip()]
   if names == ['all']:
     names = list(REGISTRY)
   unknown = [n for n in names if n not in REGISTRY]
   if unknown:
     raise FlagError(f'--methods: unknown {unknown}; known: {list(REGISTRY)}')
-  missing = {n: REGISTRY[n].not_implemented for n in names if REGISTRY[n].not_implemented}
-  return [n for n in names if n not in missing], missing
+  return names
 
 
 def hparams_from(overrides: Sequence[str], base: dict[str, Any] | None = None) -> dict[str, Any]:
   """{method: Hparams} from "method.field=value" strings (absl list flag --hparams), over `base`
   (method -> Hparams) and the defaults; an unknown method or field is an error naming it."""
-  out = {n: (base or {}).get(n) or m.Hparams() for n, m in REGISTRY.items()
-         if not m.not_implemented}
+  out = {n: (base or {}).get(n) or m.Hparams() for n, m in REGISTRY.items()}
   for item in overrides:
     key, sep, value = item.partition('=')
     method, dot, field = key.strip().partition('.')

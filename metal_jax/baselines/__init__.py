@@ -11,6 +11,9 @@ passes it spent (one pass = one batch through the LM).
   prefix_tuning  Prefix-tuning (Li & Liang 2021): per-layer prefix KV from an MLP
   metal_tune     MetaL(+Tune): the PGM's prompt (init_prompt) tuned directly
   bbtv2          BBTv2 (Sun et al. 2022): CMA-ES over per-layer random subspaces, no gradients
+  autoprompt     AutoPrompt (Shin et al. 2020): gradient-guided search over discrete triggers
+  rlprompt       RLPrompt (Deng et al. 2022): a discrete prompt from a policy trained by soft
+                 Q-learning (run() also takes the tokenizer: its prompt is text)
 
 metal_jax/methods.py wraps each in the evaluation's one method interface and registry.
 The returned prompt's length may differ from spec.prompt_len (BBTv2: 50): score
@@ -19,5 +22,6 @@ it with spec.with_prompt_len(prompt.length) so that sequences leave room for it.
 
 from __future__ import annotations
 
-from metal_jax.baselines import bbtv2, common, metal_tune, p_tuning, prefix_tuning, soft_prompt
+from metal_jax.baselines import (autoprompt, bbtv2, common, metal_tune, p_tuning, prefix_tuning,
+                                 rlprompt, soft_prompt)
 from metal_jax.baselines.common import TuneResult, train_batch, tune
