@@ -34,7 +34,9 @@ flags.DEFINE_integer('max_test_examples', 0, 'cap each test split at a seeded sa
 flags.DEFINE_bool('allow_overlap', False, 'evaluate test tasks the run meta-trained on (marked in '
                   'results.json)')
 flags.DEFINE_string('analysis', '', 'instead of --methods: "iterative" (MetaL over 16, 32 and 64 '
-                    'examples per test task, one PGM pass per n_P; written to WORKDIR/eval_iterative)')
+                    'examples per test task, one PGM pass per n_P), "designs" (a PGM per prompt '
+                    'design) or "splits" (PGMs trained at (16,0) and (12,4), each tested at '
+                    '(16,0), (12,4), (8,8)); PGMs trained or reused; written to WORKDIR/eval_NAME')
 flags.DEFINE_bool('debug', False, 'show the traceback of a user\'s mistake too')
 
 

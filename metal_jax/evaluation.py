@@ -209,6 +209,9 @@ class Context:
   split: tuple[int, int]  # (n_P, n_L)
   others: dict  # (task, seed) -> another test task's train split (the metal_shuffled control)
   tokenizer: Any = None  # text <-> ids: discrete prompts (RLPrompt's decoding; readable prompts)
+  meta_tasks: Any = None  # () -> the run's meta-train tasks (meta-learned baselines), or None
+  cache_dir: str = ''  # where meta-learned baselines keep what they trained (the run's workdir)
+  run_key: str = ''  # the run (workdir, model, seed): what cached baselines were trained for
 
 
 def method_prompt(name: str, method, hp, ts: TaskSeed, ctx: Context, rng) -> MethodOutput:
@@ -222,13 +225,15 @@ def _mean_metrics(rows: Sequence[dict]) -> dict:
 
 def evaluate(lm, pgm_cfg, trainable, task_seeds: Sequence[TaskSeed], spec: EpisodeSpec,
              methods: Sequence[tuple[str, Any, Any]], split: tuple[int, int], out_dir: str, *,
-             seed: int = 0, progress: bool = True, tokenizer=None) -> dict:
+             seed: int = 0, progress: bool = True, tokenizer=None, meta_tasks=None,
+             cache_dir: str = '', run_key: str = '') -> dict:
   """Runs every method on every task and seed; writes predictions; returns results.json's content.
 
   `methods`: (name, method, hyperparameters) triples (metal_jax.methods.REGISTRY's objects).
   Each finished (method, task, seed) is recorded under out_dir/done as it completes, and a
   record found there is used instead of redoing it: an interrupted evaluation continues.
-  `tokenizer` decodes discrete prompts into readable text (results and predictions files).
+  `tokenizer` decodes discrete prompts into readable text (results and predictions files);
+  meta_tasks, cache_dir and run_key serve the meta-learned baselines (Context).
   """
   tasks = list(dict.fromkeys(ts.task for ts in task_seeds))
   names = [name for name, _, _ in methods]
@@ -241,7 +246,8 @@ def evaluate(lm, pgm_cfg, trainable, task_seeds: Sequence[TaskSeed], spec: Episo
             for ts in task_seeds}
   seeds = sorted({ts.seed for ts in task_seeds})
   results = {'split': list(split), 'seeds': seeds, 'tasks': tasks, 'methods': {}}
-  ctx = Context(lm, pgm_cfg, trainable, spec, tuple(split), others, tokenizer)
+  ctx = Context(lm, pgm_cfg, trainable, spec, tuple(split), others, tokenizer, meta_tasks,
+                cache_dir, run_key)
   bar = tqdm(total=len(methods) * len(task_seeds), desc='evaluate', dynamic_ncols=True,
              disable=not progress)
   for name, method_obj, hp in methods:
@@ -397,8 +403,6 @@ def write_report(out_dir: str, results: dict) -> str:
     mean = results['methods'][m]['mean']
     lines.append(f'| {m} | ' + ' | '.join(f'{mean[k]:.2f}' for k in METRIC_NAMES) +
                  f' | {results["methods"][m]["std_over_seeds"]["metaicl_f1"]:.2f} |')
-  for name, why in results.get('not_implemented', {}).items():
-    lines.append(f'| {name} | not implemented: {why} |' + ' |' * len(METRIC_NAMES))
   lines += ['', '## MetaICL macro-F1 per task', '',
             '| task | ' + ' | '.join(methods) + ' |', '|---|' + '---|' * len(methods)]
   for task in results['tasks']:
@@ -435,6 +439,49 @@ def write_report(out_dir: str, results: dict) -> str:
   plt.xticks(rotation=30, ha='right')
   fig.tight_layout()
   fig.savefig(os.path.join(out_dir, 'f1.png'), dpi=100)
+  plt.close(fig)
+  return md
+
+
+def write_comparison(out_dir: str, analysis: str, rows: dict, seeds: Sequence) -> str:
+  """An analysis comparing PGMs (eval.py --analysis=designs|splits): rows {(PGM label, test
+  split): (mean MetaICL F1, std over seeds)} -> results.json, results.md (the PGMs as rows, the
+  test splits as columns: Table 7's shape for designs, the transfer table for splits) and
+  {analysis}.png (grouped bars with the std over seeds as error bars); returns the markdown."""
+  os.makedirs(out_dir, exist_ok=True)
+  labels = list(dict.fromkeys(label for label, _ in rows))
+  splits = list(dict.fromkeys(split for _, split in rows))
+  with open(os.path.join(out_dir, 'results.json'), 'w') as f:
+    json.dump({'analysis': analysis, 'seeds': [int(x) for x in seeds],
+               'rows': [{'pgm': label, 'tested_at': list(split), 'metaicl_f1': m, 'std': sd}
+                        for (label, split), (m, sd) in rows.items()]}, f, indent=2)
+  head = ' | '.join(f'tested at ({p}, {l})' for p, l in splits)
+  lines = [f'# MetaL by {analysis}: MetaICL macro-F1 (std over seeds {list(seeds)})', '',
+           f'| PGM | {head} |', '|---|' + '---|' * len(splits)]
+  for label in labels:
+    cells = [f'{rows[(label, sp)][0]:.2f} ({rows[(label, sp)][1]:.2f})' if (label, sp) in rows
+             else '' for sp in splits]
+    lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+  md = '\n'.join(lines) + '\n'
+  with open(os.path.join(out_dir, 'results.md'), 'w') as f:
+    f.write(md)
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(1.6 * len(labels) * len(splits) + 2, 4))
+  width = 0.8 / len(splits)
+  for j, sp in enumerate(splits):
+    xs = [i + j * width for i, label in enumerate(labels) if (label, sp) in rows]
+    vals = [rows[(label, sp)] for label in labels if (label, sp) in rows]
+    ax.bar(xs, [v[0] for v in vals], width, yerr=[v[1] for v in vals], capsize=3,
+           label=f'tested at ({sp[0]}, {sp[1]})')
+  ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels)
+  ax.set_ylabel('MetaL MetaICL macro-F1')
+  ax.set_title(f'MetaL by {analysis} (error bars: std over seeds)')
+  if len(splits) > 1:
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out_dir, f'{analysis}.png'), dpi=100)
   plt.close(fig)
   return md
 

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import zlib
 from typing import Sequence
 
+import ml_collections
 import numpy as np
 
-from metal_jax import evaluation, experiment
+from metal_jax import evaluation, experiment, pgm, training
 from metal_jax.errors import FlagError
 from metal_jax import methods as methods_lib
 
@@ -37,6 +40,79 @@ ANALYSES = {
 }
 
 
+# The analyses that compare PGMs trained differently: label -> (config fields that differ from
+# the run's, the test splits each is evaluated at).
+VARIANTS = {
+    'designs': {d: ({'pgm.design': d}, None) for d in pgm.DESIGNS},
+    'splits': {f'trained at ({p}, {l})': ({'n_prompt_examples': p, 'n_lm_examples': l},
+                                          [(16, 0), (12, 4), (8, 8)]) for p, l in ((16, 0), (12, 4))},
+}
+
+
+def slug(label: str) -> str:
+  return re.sub(r'[^A-Za-z0-9]+', '_', label).strip('_')
+
+
+def variant_workdir(workdir: str, config, analysis: str, label: str, fields: dict) -> str:
+  """The run itself when it already is the variant; else WORKDIR/analysis/ANALYSIS/LABEL, which
+  shares the run's base LM, suite and token cache (links: nothing is pretrained or written
+  twice)."""
+  if all(experiment.config_get(config, k) == v for k, v in fields.items()):
+    return workdir
+  sub = os.path.join(workdir, 'analysis', analysis, slug(label))
+  os.makedirs(sub, exist_ok=True)
+  for name in ('base_lm', 'data', 'cache'):
+    src, dst = os.path.join(os.path.abspath(workdir), name), os.path.join(sub, name)
+    if os.path.isdir(src) and not os.path.lexists(dst):
+      os.symlink(src, dst)
+  return sub
+
+
+def finished(workdir: str, config) -> bool:
+  """Whether the run in workdir has a checkpoint at config's last step (num_steps runs only:
+  an epochs run is handed to train(), which resumes and stops at once when done)."""
+  try:
+    _, step = training.restore_config(workdir)
+  except training.NoCheckpoint:
+    return False
+  return 0 < config.num_steps <= step
+
+
+def compare_variants(analysis: str, workdir: str, seeds: Sequence[str], out: str, progress: bool,
+                     max_test_examples: int) -> str:
+  """--analysis=designs|splits: each variant's PGM trained (resumed, or reused when done) with
+  the run's config but VARIANTS' fields, then MetaL evaluated at each test split (each an
+  eval.py run of its own, resumable); the table, results.json and a plot in the output."""
+  from metal_jax import run_train  # train.py's body; only this analysis needs it
+  config, _ = training.restore_config(workdir)
+  config = ml_collections.ConfigDict(config)
+  final = out or os.path.join(workdir, f'eval_{analysis}')
+  rows = {}
+  for label, (fields, tests) in VARIANTS[analysis].items():
+    cfg = config.copy_and_resolve_references()
+    for k, v in fields.items():
+      *parents, leaf = k.split('.')
+      node = cfg
+      for name in parents:
+        node = node[name]
+      node[leaf] = v
+    cfg.progress = progress
+    sub = variant_workdir(workdir, config, analysis, label, fields)
+    log.info('%s: %s in %s', analysis, label, sub)
+    if not finished(sub, cfg):
+      run_train.train(cfg, sub)  # from scratch, or resumed from its last checkpoint
+    for p, l in tests or [(cfg.n_prompt_examples, cfg.n_lm_examples)]:
+      where = os.path.join(final, 'runs', slug(f'{label} tested at {p} {l}'))
+      main(workdir=sub, split=[str(p), str(l)], seeds=seeds, methods=['metal'], out=where,
+           progress=progress, max_test_examples=max_test_examples)
+      with open(os.path.join(where, 'results.json')) as f:
+        r = json.load(f)['methods']['metal']
+      rows[(label, (p, l))] = (r['mean']['metaicl_f1'], r['std_over_seeds']['metaicl_f1'])
+  md = evaluation.write_comparison(final, analysis, rows, parse_ints(seeds, 'seeds'))
+  log.info('wrote %s', final)
+  return md
+
+
 def main(*, workdir: str, split: Sequence[str] = (), seeds: Sequence[str] = ('100', '13', '21', '42'),
          methods: Sequence[str] = ('all',), hparams: Sequence[str] = (), bbt_budget: int = 0,
          out: str = '', progress: bool = True, setting_path: str = '', data_dir: str = '',
@@ -49,16 +125,20 @@ def main(*, workdir: str, split: Sequence[str] = (), seeds: Sequence[str] = ('10
   each test split at a seeded sample (kept in file order) for quick looks; 0: the whole split.
 
   analysis: '' (the methods), or 'iterative': MetaL with 16, 32 and 64 examples of each test
-  task (ANALYSES), one PGM pass per n_P, written to WORKDIR/eval_iterative by default.
+  task (ANALYSES), one PGM pass per n_P, written to WORKDIR/eval_iterative by default; or
+  'designs' / 'splits' (VARIANTS): PGMs trained like the run but for one field (each design;
+  (n_P, n_L) = (16, 0) and (12, 4)), trained or reused, each evaluated (MetaL) at its test
+  splits; tables and a plot in WORKDIR/eval_{analysis}.
   """
-  if analysis and analysis not in ANALYSES:
-    raise FlagError(f'--analysis={analysis}: choose one of {sorted(ANALYSES)}')
+  if analysis and analysis not in ANALYSES and analysis not in VARIANTS:
+    raise FlagError(f'--analysis={analysis}: choose one of {sorted(ANALYSES) + sorted(VARIANTS)}')
   if max_test_examples < 0:
     raise FlagError(f'--max_test_examples={max_test_examples}: must be >= 0 (0: every example)')
   seed_list = parse_ints(seeds, 'seeds')  # the flags are checked before anything loads
-  method_list, not_implemented = methods_lib.resolve(methods)
-  if analysis:
-    method_list, not_implemented = list(ANALYSES[analysis]['methods']), {}
+  if analysis in VARIANTS:
+    return compare_variants(analysis, workdir, seeds, out, progress, max_test_examples)
+  method_list = (list(ANALYSES[analysis]['methods']) if analysis
+                 else methods_lib.resolve(methods))
   tr = experiment.load_trained(workdir)
   config, step = tr.config, tr.step
   split_t = tuple(parse_ints(split, 'split')) if split else (
@@ -76,6 +156,7 @@ def main(*, workdir: str, split: Sequence[str] = (), seeds: Sequence[str] = ('10
     hp = {m: h for m, (_, h) in ANALYSES[analysis]['methods'].items()}
 
   locator, run_setting = experiment.data_location(config, workdir)
+  run_locator = locator
   setting, overlap = run_setting, []
   if setting_path or data_dir:
     other = config.copy_and_resolve_references()
@@ -127,13 +208,18 @@ def main(*, workdir: str, split: Sequence[str] = (), seeds: Sequence[str] = ('10
   t0 = time.time()
   try:
     triples = [(m, registry[m], hp[m]) for m in method_list]
+    # The run's meta-train tasks, loaded once if a meta-learned baseline asks (MetaPrompting).
+    meta_tasks = functools.cache(lambda: experiment.meta_train_tasks(
+        config, run_locator, run_setting, tokenizer, workdir))
     results = evaluation.evaluate(lm, pgm_cfg, trainable, task_seeds, spec, triples, split_t,
-                                  tmp, seed=config.seed, progress=progress,
-                                  tokenizer=tokenizer)
+                                  tmp, seed=config.seed, progress=progress, tokenizer=tokenizer,
+                                  meta_tasks=meta_tasks,
+                                  cache_dir=os.path.join(workdir, 'cache', 'baselines'),
+                                  run_key=f'{config.model}/{config.seed}')
     results['hparams'] = {m: dataclasses.asdict(hp[m]) for m in method_list}
     results.update(overlap_with_meta_train=overlap, max_test_examples=max_test_examples)
     results.update(checkpoint_step=step, workdir=os.path.abspath(workdir),
-                   not_implemented=not_implemented, wall_s=time.time() - t0)
+                   wall_s=time.time() - t0)
     md = evaluation.write_report(tmp, results)
   except BaseException:
     # The finished (method, task, seed) records stay for a rerun; the earlier eval/ stays as it was.

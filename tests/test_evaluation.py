@@ -33,7 +33,7 @@ import pytest
 import sklearn.metrics
 
 from conftest import save_hf, tiny_run_config, tiny_run_model
-from metal_jax import evaluation, lora, methods, pgm, run_eval, run_train
+from metal_jax import evaluation, lora, methods, pgm, run_eval, run_train, training
 from metal_jax.data import synthetic
 from metal_jax.data.episodes import EpisodeSpec
 from metal_jax.data.tasks import load_tokenized
@@ -374,14 +374,14 @@ def test_discrete_prompts_are_written_as_text(lm, tok, tmp_path):
       ts = task_seeds[0]
       prompt = evaluation.prompt_for(cfg, lm.module, lm.params, trainable, ts.train,
                                      range(16), spec)
-      want = tok.decode(np.asarray(prompt.tokens)[0].tolist())
+      want = tok.decode(np.asarray(prompt.tokens)[0].tolist(),
+                        clean_up_tokenization_spaces=False)
       assert len(np.asarray(prompt.tokens)[0]) == P and want.strip()
       got = results[design]['methods']['metal']['tasks'][ts.task]['prompt_text']
       assert got == {'100': want}
       rows = read_jsonl(os.path.join(out, design, 'predictions', 'metal', f'{ts.task}_100.jsonl'))
       assert [r['prompt_text'] for r in rows] == [want] * len(rows)
-      md = evaluation.write_report(os.path.join(out, design), {**results[design],
-                                                               'not_implemented': {}})
+      md = evaluation.write_report(os.path.join(out, design), results[design])
       assert f'| metal | {ts.task} | 100 | {evaluation._md_cell(want)} |' in md
   assert 'prompt_text' not in results['prefix']['methods']['metal']['tasks'][ts.task]
 
@@ -389,7 +389,13 @@ def test_discrete_prompts_are_written_as_text(lm, tok, tmp_path):
 # ----------------------------------------------------------------------------- 4. end to end
 
 
-E2E_METHODS = ['zero_shot', 'icl', 'metal', 'metal_shuffled', 'soft_prompt', 'bbtv2']
+E2E_METHODS = ['zero_shot', 'icl', 'metal', 'metal_shuffled', 'soft_prompt', 'bbtv2', 'autoprompt',
+               'rlprompt', 'metaprompting']
+E2E_HPARAMS = ['autoprompt.iters=2', 'autoprompt.num_cand=3', 'autoprompt.prompt_len=3',
+               'rlprompt.steps=1', 'rlprompt.n_prompts=2', 'rlprompt.mlp_width=16',
+               'metaprompting.meta_steps=2', 'metaprompting.meta_batch_tasks=2',
+               'metaprompting.inner_steps=1', 'metaprompting.support_size=8',
+               'metaprompting.query_size=8', 'metaprompting.prompt_len=4']
 E2E_SEEDS = [100, 13]
 
 
@@ -404,7 +410,7 @@ def trained_run(tmp_path_factory, tok):
   workdir = str(tmp_path_factory.mktemp('run'))
   run_train.train(c, workdir)
   md = run_eval.main(workdir=workdir, seeds=[str(s) for s in E2E_SEEDS],
-                     methods=E2E_METHODS, bbt_budget=10, progress=False)
+                     methods=E2E_METHODS, bbt_budget=10, hparams=E2E_HPARAMS, progress=False)
   return workdir, md
 
 
@@ -502,11 +508,27 @@ def test_end_to_end_outputs_are_consistent(trained_run):
   assert cost['soft_prompt']['backward_passes_per_task'] == 10
   assert cost['bbtv2']['forward_passes_per_task'] == 10  # budget 10 = 2 generations of 5
   assert cost['bbtv2']['backward_passes_per_task'] == 0
-  assert results['not_implemented'] == {}
+  assert cost['autoprompt']['forward_passes_per_task'] == 2 * (1 + 3)  # iters x (1 + candidates)
+  assert cost['autoprompt']['backward_passes_per_task'] == 2
+  assert cost['rlprompt']['backward_passes_per_task'] == 1  # one SQL step
+  assert cost['rlprompt']['forward_passes_per_task'] > 1
+  assert cost['metaprompting']['forward_passes_per_task'] == 1  # the inner loop's one step
+  assert 'meta-trained once on 4 tasks: 12 forward + 8 backward' in \
+      results['methods']['metaprompting']['note']
+  for m in ('autoprompt', 'rlprompt'):  # discrete prompts, readable
+    texts = [v['prompt_text'] for v in results['methods'][m]['tasks'].values()]
+    assert len(texts) == 2 and all(set(t) == {'100', '13'} for t in texts)
+  assert os.listdir(os.path.join(workdir, 'cache', 'baselines'))[0].startswith('metaprompting-')
   assert results['hparams']['bbtv2']['budget'] == 10 and results['hparams']['soft_prompt']['lr'] == 4e-5
+  assert results['hparams']['rlprompt']['steps'] == 1
 
 
 # ----------------------------------------------------------------------------- 5. reruns
+
+
+def eval_dirs(workdir: str) -> list[str]:
+  """eval/ and its siblings eval.partial, eval.old-PID (not the analyses' eval_NAME/)."""
+  return sorted(n for n in os.listdir(workdir) if n == 'eval' or n.startswith('eval.'))
 
 
 def snapshot(directory: str) -> dict:
@@ -517,6 +539,63 @@ def snapshot(directory: str) -> dict:
       with open(p, 'rb') as fh:
         out[os.path.relpath(p, directory)] = hashlib.sha256(fh.read()).hexdigest()
   return out
+
+
+def test_iterative_analysis_reads_16_32_and_64_examples(trained_run):
+  """eval.py --analysis=iterative: MetaL over the first 16, 32 and 64 examples of each test task
+  (the T_64 files), one PGM pass per 16, in WORKDIR/eval_iterative; with 16 examples it is the
+  protocol's MetaL (the 64-example files start with the 16), more examples change the prompt."""
+  workdir, _ = trained_run
+  main = json.load(open(os.path.join(workdir, 'eval', 'results.json')))
+  run_eval.main(workdir=workdir, seeds=['100'], analysis='iterative', progress=False)
+  res = json.load(open(os.path.join(workdir, 'eval_iterative', 'results.json')))
+  assert list(res['methods']) == ['metal_16', 'metal_32', 'metal_64']
+  assert [res['methods'][m]['cost']['forward_passes_per_task'] for m in res['methods']] == [1, 2, 4]
+  for t in res['tasks']:
+    assert (res['methods']['metal_16']['tasks'][t]['seeds']['100'] ==
+            main['methods']['metal']['tasks'][t]['seeds']['100'])
+  scores = {m: [r['scores'] for r in read_jsonl(os.path.join(
+      workdir, 'eval_iterative', 'predictions', m, f'{res["tasks"][0]}_100.jsonl'))]
+            for m in res['methods']}
+  assert not np.allclose(scores['metal_16'], scores['metal_64'])
+  with pytest.raises(ValueError, match='--analysis=nosuch'):
+    run_eval.main(workdir=workdir, analysis='nosuch', progress=False)
+
+
+def test_split_analysis_trains_the_other_pgm_and_tests_both_at_three_splits(trained_run,
+                                                                           tmp_path):
+  """eval.py --analysis=splits: the run is the (16, 0) PGM; the (12, 4) one is trained in
+  WORKDIR/analysis (sharing the run's base LM, suite and cache), both are tested at (16, 0),
+  (12, 4) and (8, 8); the table's cells are those evaluations' MetaL F1 and std; a rerun
+  reuses the trained PGM. The designs analysis compares every design the same way."""
+  src, _ = trained_run
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(src, workdir, symlinks=True)
+  md = run_eval.main(workdir=workdir, seeds=['100', '13'], analysis='splits', progress=False,
+                     max_test_examples=4)
+  sub = os.path.join(workdir, 'analysis', 'splits', 'trained_at_12_4')
+  assert os.path.islink(os.path.join(sub, 'data'))
+  cfg, steps = training.restore_config(sub)
+  assert (cfg['n_prompt_examples'], cfg['n_lm_examples'], steps) == (12, 4, 2)
+  out = os.path.join(workdir, 'eval_splits')
+  rows = json.load(open(os.path.join(out, 'results.json')))['rows']
+  assert [(r['pgm'], r['tested_at']) for r in rows] == [
+      (f'trained at ({a}, {b})', t) for a, b in ((16, 0), (12, 4))
+      for t in ([16, 0], [12, 4], [8, 8])]
+  for r in rows:
+    one = json.load(open(os.path.join(out, 'runs', run_eval.slug(
+        f'{r["pgm"]} tested at {r["tested_at"][0]} {r["tested_at"][1]}'), 'results.json')))
+    assert one['split'] == r['tested_at']
+    assert (r['metaicl_f1'], r['std']) == (one['methods']['metal']['mean']['metaicl_f1'],
+                                           one['methods']['metal']['std_over_seeds']['metaicl_f1'])
+    cell = f'{r["metaicl_f1"]:.2f} ({r["std"]:.2f})'
+    assert any(line.startswith(f'| {r["pgm"]} |') and cell in line for line in md.splitlines())
+  assert os.path.isfile(os.path.join(out, 'splits.png'))
+  mtime = os.path.getmtime(os.path.join(sub, 'metrics.jsonl'))
+  run_eval.main(workdir=workdir, seeds=['100', '13'], analysis='splits', progress=False,
+                max_test_examples=4)
+  assert os.path.getmtime(os.path.join(sub, 'metrics.jsonl')) == mtime  # reused, not retrained
+  assert set(run_eval.VARIANTS['designs']) == set(pgm.DESIGNS)
 
 
 def test_an_interrupted_task_keeps_its_finished_seeds(trained_run, tmp_path, monkeypatch):
@@ -578,8 +657,7 @@ def test_rerun_replaces_eval_and_failed_rerun_leaves_it_intact_and_continues(
                   progress=False)
   assert n_calls[0] == 2
   assert snapshot(out) == before  # the earlier eval/ untouched, junk and all
-  leftovers = sorted(n for n in os.listdir(workdir) if n.startswith('eval') and n != 'eval')
-  assert leftovers == ['eval.partial']  # what finished (zero_shot on the first task) is kept
+  assert eval_dirs(workdir) == ['eval', 'eval.partial']  # zero_shot's first task kept
 
   # The same command again continues: the finished (method, task) is not redone, and the
   # results are those of an uninterrupted evaluation (the first one, for these methods).
@@ -590,7 +668,7 @@ def test_rerun_replaces_eval_and_failed_rerun_leaves_it_intact_and_continues(
   resumed = json.load(open(os.path.join(out, 'results.json')))
   for m in ('zero_shot', 'metal'):
     assert resumed['methods'][m]['tasks'] == first['methods'][m]['tasks'], m
-  assert sorted(n for n in os.listdir(workdir) if n.startswith('eval')) == ['eval']
+  assert eval_dirs(workdir) == ['eval']
   assert not os.path.exists(os.path.join(out, 'done'))
   junk = os.path.join(out, 'predictions', 'metal', 'stale_task_100.jsonl')
   with open(junk, 'w') as f:
@@ -598,8 +676,7 @@ def test_rerun_replaces_eval_and_failed_rerun_leaves_it_intact_and_continues(
   monkeypatch.setattr(evaluation, 'score_tasks', orig)
 
   # A successful rerun with fewer methods: eval/ is replaced wholesale.
-  md = run_eval.main(workdir=workdir, seeds=['100', '13'], methods=['metal', 'rlprompt'],
-                     progress=False)
+  md = run_eval.main(workdir=workdir, seeds=['100', '13'], methods=['metal'], progress=False)
   assert not os.path.exists(junk)
   assert os.listdir(os.path.join(out, 'predictions')) == ['metal']
   tasks = first['tasks']
@@ -608,9 +685,9 @@ def test_rerun_replaces_eval_and_failed_rerun_leaves_it_intact_and_continues(
   second = json.load(open(os.path.join(out, 'results.json')))
   assert list(second['methods']) == ['metal']
   assert second['methods']['metal']['tasks'] == first['methods']['metal']['tasks']  # same numbers
-  assert 'rlprompt' in second['not_implemented']
-  assert any(line.startswith('| rlprompt | not implemented') for line in md.splitlines())
-  assert sorted(n for n in os.listdir(workdir) if n.startswith('eval')) == ['eval']
+  assert [line.split('|')[1].strip() for line in md.splitlines()[:12]
+          if line.startswith('| metal')] == ['metal']
+  assert eval_dirs(workdir) == ['eval']
 
 
 def test_eval_on_other_tasks_refuses_meta_train_tasks_and_caps_test_splits(trained_run, tmp_path):
