@@ -165,8 +165,11 @@ def generate(cfg: PGMConfig, module, params: dict, trainable: dict, pgm_ids, pgm
 
   Iterative generation (the paper's extension for more examples than fit): `prev`, the prompt
   generated from the previous examples (B rows, this design's), is read by the PGM before X^P
-  as the frozen LM reads a prompt (keys/values as its prefix, embeddings before the input), at
-  positions 0..P-1, X^P following; the new prompt refines it with the next examples."""
+  as the frozen LM reads a prompt (keys/values as its prefix, embeddings before the input, at
+  positions 0..P-1); X^P and the slots keep a first pass's positions (from 0), so a second pass
+  reaches no position the first does not (the built-in LM was pretrained on 128 positions, and
+  X^P + slots already end near 140); the new prompt refines the previous with the next
+  examples."""
   return _generate(cfg, module, params, trainable, pgm_ids, pgm_mask, rng=rng,
                    train=train, prev=prev).constrained()
 
@@ -181,10 +184,9 @@ def _generate(cfg: PGMConfig, module, params: dict, trainable: dict, pgm_ids, pg
   slot = jnp.arange(t) >= t - p  # [T]
   embeds_mask = jnp.broadcast_to(slot, (b, t))
   positions = jnp.maximum(jnp.cumsum(pgm_mask, axis=1) - 1, 0)  # left padding: real tokens from 0
-  prefix, q = None, 0  # the previous prompt: q leading positions
+  prefix, q = None, 0  # the previous prompt: q leading slots
   if prev is not None:
     q = prev.length
-    positions = positions + q
     if prev.kv is not None:
       prefix = prev.kv
     else:  # embeddings: before the (left-padded) input, at positions 0..q-1

@@ -110,9 +110,10 @@ def test_hidden_state_weighted_sum_and_discrete_follow_the_lms_outputs(pair):
 
 
 def test_an_iterative_pass_reads_the_previous_prompt_first(pair):
-  """Iterative generation: the PGM reads the previous prompt at positions 0..q-1, then X^P from
-  q. An embeddings prompt is transformers' forward on [prompt ; X^P ; padding] with those
-  positions; a key/value prompt (the same embeddings' keys/values) gives the same prompt."""
+  """Iterative generation: the PGM reads the previous prompt (at positions 0..q-1) before X^P,
+  which keeps the positions of a first pass (from 0). An embeddings prompt is transformers'
+  forward on [prompt ; X^P ; padding] with those positions; a key/value prompt (the same
+  embeddings' keys/values) gives the same prompt."""
   name, lm, hf = pair
   c = lm.config
   cfg = pgm.PGMConfig(prompt_len=P, design='prefix',
@@ -127,7 +128,7 @@ def test_an_iterative_pass_reads_the_previous_prompt_first(pair):
     emb[:, N_X:] = torch.tensor(pad)
     emb = torch.cat([torch.tensor(prev), emb], dim=1)
     pos = np.concatenate([np.broadcast_to(np.arange(q), (B, q)),
-                          q + np.maximum(np.cumsum(mask, axis=1) - 1, 0)], axis=1)
+                          np.maximum(np.cumsum(mask, axis=1) - 1, 0)], axis=1)
     out = hf(inputs_embeds=emb, attention_mask=torch.tensor(np.concatenate(
         [np.ones((B, q), np.int32), mask], axis=1)),
              position_ids=torch.tensor(pos, dtype=torch.long), use_cache=True)
