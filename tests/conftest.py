@@ -84,6 +84,13 @@ def tiny_run_model(directory):
 
 
 @pytest.fixture(scope='session')
+def synthetic_lm_dir(tmp_path_factory):
+  """tiny_run_model once a session: the random GPT-2 the evaluation and baseline tests score with
+  (the built-in tokenizer's vocabulary, 128 positions)."""
+  return tiny_run_model(tmp_path_factory.mktemp('synthetic_lm'))
+
+
+@pytest.fixture(scope='session')
 def served_run(tmp_path_factory):
   """A tiny train.py run (2 steps, prefix design, P = 4, data-parallel mesh) that serving tests
   serve. Returns the workdir."""

@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import save_hf
 from metal_jax import objective
 from metal_jax.baselines import autoprompt, common
 from metal_jax.data import synthetic
@@ -46,11 +45,9 @@ def shots(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def lm(tmp_path_factory):
+def lm(synthetic_lm_dir):
   """A tiny random GPT-2 over the synthetic tokenizer's vocabulary (eos = bos = 0)."""
-  d = tmp_path_factory.mktemp('gpt2')
-  save_hf('gpt2', d, vocab_size=len(synthetic.build_tokenizer()), n_positions=128)
-  return load_lm(str(d))
+  return load_lm(str(synthetic_lm_dir))
 
 
 @pytest.fixture(scope='module')

@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 import sklearn.metrics
 
-from conftest import save_hf, tiny_run_config, tiny_run_model
+from conftest import tiny_run_config, tiny_run_model
 from metal_jax import evaluation, lora, methods, pgm, run_eval, run_train, training
 from metal_jax.data import synthetic
 from metal_jax.data.episodes import EpisodeSpec
@@ -127,10 +127,8 @@ def enc(tok, text: str) -> list[int]:
 
 
 @pytest.fixture(scope='module')
-def lm(tmp_path_factory, tok):
-  d = tmp_path_factory.mktemp('gpt2_eval')
-  save_hf('gpt2', d, vocab_size=len(tok), n_positions=128)
-  return load_lm(str(d))
+def lm(synthetic_lm_dir):
+  return load_lm(str(synthetic_lm_dir))
 
 
 OPTIONS = ['red', 'blue green', 'gold silver violet amber']  # 1, 2 and 4 words

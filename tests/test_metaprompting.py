@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import save_hf
 from metal_jax import objective
 from metal_jax.baselines import common, metaprompting, soft_prompt
 from metal_jax.data import synthetic
@@ -50,10 +49,8 @@ def suite(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def lm(tmp_path_factory):
-  d = tmp_path_factory.mktemp('gpt2')
-  save_hf('gpt2', d, vocab_size=len(synthetic.build_tokenizer()), n_positions=128)
-  return load_lm(str(d))
+def lm(synthetic_lm_dir):
+  return load_lm(str(synthetic_lm_dir))
 
 
 @functools.partial(jax.jit, static_argnums=0)

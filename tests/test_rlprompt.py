@@ -51,10 +51,8 @@ def shots(tmp_path_factory, tokenizer):
 
 
 @pytest.fixture(scope='module')
-def lm(tmp_path_factory, tokenizer):
-  d = tmp_path_factory.mktemp('gpt2')
-  save_hf('gpt2', d, vocab_size=len(tokenizer), n_positions=128)
-  return load_lm(str(d))
+def lm(synthetic_lm_dir):
+  return load_lm(str(synthetic_lm_dir))
 
 
 @pytest.fixture(scope='module')
