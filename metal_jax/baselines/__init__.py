@@ -14,6 +14,9 @@ passes it spent (one pass = one batch through the LM).
   autoprompt     AutoPrompt (Shin et al. 2020): gradient-guided search over discrete triggers
   rlprompt       RLPrompt (Deng et al. 2022): a discrete prompt from a policy trained by soft
                  Q-learning (run() also takes the tokenizer: its prompt is text)
+  metaprompting  MetaPrompting (Hou et al. 2022): a soft prompt's initialisation meta-trained with
+                 first-order MAML (meta_train, once), adapted per task by its inner loop
+                 (run() also takes the meta-learned `init_embeds`)
 
 metal_jax/methods.py wraps each in the evaluation's one method interface and registry.
 The returned prompt's length may differ from spec.prompt_len (BBTv2: 50): score
@@ -22,6 +25,6 @@ it with spec.with_prompt_len(prompt.length) so that sequences leave room for it.
 
 from __future__ import annotations
 
-from metal_jax.baselines import (autoprompt, bbtv2, common, metal_tune, p_tuning, prefix_tuning,
-                                 rlprompt, soft_prompt)
+from metal_jax.baselines import (autoprompt, bbtv2, common, metal_tune, metaprompting, p_tuning,
+                                 prefix_tuning, rlprompt, soft_prompt)
 from metal_jax.baselines.common import TuneResult, train_batch, tune
