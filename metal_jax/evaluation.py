@@ -503,11 +503,15 @@ def plot_f1_vs_cost(results: dict, path: str) -> None:
   passes = [c['forward_passes_per_task'] + c['backward_passes_per_task'] for c in cost]
   walls = [max(c['median_wall_s_per_task'], 1e-4) for c in cost]
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+  colors = plt.get_cmap('tab20').colors
   for ax, xs, label in ((axes[0], passes, 'LM passes per task (forward + backward)'),
                         (axes[1], walls, 'median wall time per task (s)')):
-    for m, x, y, e in zip(methods, xs, f1, err):
-      ax.errorbar([x], [y], yerr=[e], fmt='o', capsize=3)
-      ax.annotate(m, (x, y), textcoords='offset points', xytext=(4, 4), fontsize=8)
+    for i, (m, x, y, e) in enumerate(zip(methods, xs, f1, err)):
+      ax.errorbar([x], [y], yerr=[e], fmt='o', capsize=3, color=colors[i % len(colors)])
+      # Labels of points close to an earlier one (the same cost, F1 within 4) are stacked.
+      k = sum(1 for x2, y2 in zip(xs[:i], f1[:i]) if abs(y2 - y) < 4 and
+              (x2 == x or (x > 0 and x2 > 0 and 1 / 3 < x2 / x < 3)))
+      ax.annotate(m, (x, y), textcoords='offset points', xytext=(4, 4 + 9 * k), fontsize=8)
     ax.set_xlabel(label)
     ax.grid(alpha=0.3)
   axes[0].set_xscale('symlog', linthresh=1)
