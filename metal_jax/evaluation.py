@@ -23,10 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from metal_jax import pgm
+from metal_jax import atomic, pgm
 from metal_jax.data.episodes import (EpisodeSpec, build_pgm_half, collate_pgm, concat_examples,
                                      pgm_length)
-from metal_jax.data.tasks import DataError, TokenizedTask, load_tokenized, task_file
+from metal_jax.data.tasks import DataError, TokenizedTask, load_tokenized
 from metal_jax.errors import FlagError, UserError
 from metal_jax.serving import scoring
 
@@ -264,7 +264,7 @@ def evaluate(lm, pgm_cfg, trainable, task_seeds: Sequence[TaskSeed], spec: Episo
         else:
           todo.append(ts)
       for ts, rec in _evaluate_seeds(name, method_obj, hp, todo, ctx, seed, out_dir, bar):
-        _write_json_atomic(path(ts), rec)
+        atomic.write_json(path(ts), rec)
         records[(task, ts.seed)] = rec
     results['methods'][name] = _method_summary(tasks, seeds, records)
   bar.close()
@@ -341,14 +341,6 @@ def prompt_text(tokenizer, prompt: pgm.Prompt | None) -> str | None:
   if prompt is None or prompt.tokens is None or tokenizer is None:
     return None
   return tokenizer.decode(np.asarray(prompt.tokens)[0].tolist(), clean_up_tokenization_spaces=False)
-
-
-def _write_json_atomic(path: str, obj) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f)
-  os.replace(tmp, path)
 
 
 def write_predictions(path: str, queries: TokenizedTask, scores, preds,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import flax.linen as nn
 import flax.struct
@@ -25,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metal_jax import lora, sharding
+from metal_jax import atomic, lora, sharding
 from metal_jax.models import KV, rope
 
 DESIGNS = ('prefix', 'weighted_sum', 'hidden_state', 'discrete')
@@ -111,9 +110,7 @@ def save_prompt(path: str, prompt: Prompt, meta: dict | None = None) -> None:
     arrays['embeds'] = np.asarray(prompt.embeds, np.float32)
   if prompt.tokens is not None:
     arrays['tokens'] = np.asarray(prompt.tokens)
-  tmp = path + '.tmp.npz'
-  np.savez(tmp, meta=np.asarray(json.dumps(meta or {})), **arrays)
-  os.replace(tmp, path)
+  atomic.write_npz(path, meta=np.asarray(json.dumps(meta or {})), **arrays)
 
 
 def load_prompt(path: str) -> tuple[Prompt, dict]:

@@ -23,7 +23,7 @@ import numpy as np
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-from metal_jax import experiment, locking, sharding, training
+from metal_jax import atomic, experiment, locking, sharding, training
 from metal_jax.data.episodes import EpisodeSampler
 from metal_jax.data.prefetch import Prefetcher
 
@@ -95,10 +95,7 @@ def truncate_metrics(workdir: str, after_step: int) -> None:
   if dropped:
     log.warning('%s: dropped %d unreadable line(s) (line %s; a run killed mid-write)', path,
                 len(dropped), ', '.join(map(str, dropped[:5])))
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    f.writelines(rows)
-  os.replace(tmp, path)
+  atomic.write(path, ''.join(rows))
 
 
 class PreemptionWatch:

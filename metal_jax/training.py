@@ -24,7 +24,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from metal_jax import objective, pgm, sharding
+from metal_jax import atomic, objective, pgm, sharding
 from metal_jax.errors import UserError
 
 log = logging.getLogger('metal_jax')
@@ -271,13 +271,8 @@ def write_checksums(directory, step: int) -> str | None:
   files = {rel: {'sha256': _sha256(os.path.join(root, rel)),
                  'size': os.path.getsize(os.path.join(root, rel))} for rel in _step_files(root)}
   path = os.path.join(root, CHECKSUMS)
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump({'format': 1, 'step': step, 'algorithm': 'sha256', 'files': files}, f, indent=1,
-              sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  atomic.write(path, json.dumps({'format': 1, 'step': step, 'algorithm': 'sha256',
+                                 'files': files}, indent=1, sort_keys=True), durable=True)
   return path
 
 

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metal_jax import objective
+from metal_jax import atomic, objective
 from metal_jax.baselines import common, soft_prompt
 from metal_jax.data.episodes import PAD_ID, EpisodeSpec
 from metal_jax.data.tasks import TokenizedTask
@@ -220,10 +220,8 @@ def save_init(path: str, init_embeds: jax.Array, meta: dict) -> None:
   missing = [k for k in META_KEYS if k not in meta]
   if missing:
     raise ValueError(f'metaprompting.save_init: meta lacks {missing} (build it with init_meta)')
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    np.savez(f, init_embeds=np.asarray(init_embeds, np.float32), meta=np.asarray(json.dumps(meta)))
-  os.replace(tmp, path)
+  atomic.write_npz(path, init_embeds=np.asarray(init_embeds, np.float32),
+                   meta=np.asarray(json.dumps(meta)))
 
 
 def load_init(path: str) -> tuple[jax.Array, dict]:

@@ -38,16 +38,15 @@ tasks.DataError naming the flag of prepare_data.py and the column or value.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import string
 import tempfile
-import uuid
 from typing import Sequence
 
 import numpy as np
 
+from metal_jax import atomic
 from metal_jax.data.tasks import META_TRAIN_K, META_TRAIN_SEED, DataError, task_file
 
 SEEDS = (100, 13, 21, 42, 87)  # MetaICL's few-shot seeds
@@ -363,15 +362,7 @@ def _take(split: _Split, mapper: _Mapper, order: np.ndarray, want: int) -> tuple
 def _write_jsonl(path: str, task: str, examples, options) -> int:
   rows = [json.dumps({'task': task, 'input': x, 'output': y, 'options': options}) + '\n'
           for _, x, y in examples]
-  tmp = f'{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}'
-  try:
-    with open(tmp, 'w', encoding='utf-8') as f:
-      f.write(''.join(rows))
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.remove(tmp)
-    raise
+  atomic.write(path, ''.join(rows))
   return len(rows)
 
 

@@ -45,6 +45,7 @@ import os
 
 import numpy as np
 
+from metal_jax import atomic
 from metal_jax.data.tasks import meta_train_file, task_file
 
 SEEDS = (100, 13, 21, 42, 87)  # MetaICL's few-shot seeds
@@ -238,15 +239,8 @@ def _name(family: str, number: int) -> str:
   return f'{family}_{number:03d}'
 
 
-def _write_atomic(path: str, text: str) -> None:
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def _write_jsonl(path: str, rows) -> None:
-  _write_atomic(path, ''.join(json.dumps(r) + '\n' for r in rows))
+  atomic.write(path, ''.join(json.dumps(r) + '\n' for r in rows))
 
 
 def few_shot_path(data_dir: str, task: str, seed: int, split: str, k: int = K) -> str:
@@ -334,6 +328,6 @@ def write_suite(data_dir: str, *, seed: int = 0, n_train_tasks: int = 24, n_test
       _write_jsonl(few_shot_path(data_dir, name, s, 'train', K_MORE), shots + more)
 
   setting = {'train': [_name(*t) for t in train], 'test': [_name(*t) for t in test]}
-  _write_atomic(os.path.join(data_dir, 'setting.json'), json.dumps(setting, indent=2) + '\n')
-  _write_atomic(suite_path, json.dumps(params, indent=2) + '\n')
+  atomic.write(os.path.join(data_dir, 'setting.json'), json.dumps(setting, indent=2) + '\n')
+  atomic.write(suite_path, json.dumps(params, indent=2) + '\n')
   return setting

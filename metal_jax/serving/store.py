@@ -40,7 +40,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import threading
 import time
 import unicodedata
@@ -50,6 +49,7 @@ from typing import Any, Callable
 import numpy as np
 import safetensors.numpy
 
+from metal_jax import atomic
 from metal_jax.models.layers import KV
 from metal_jax.pgm import Prompt
 
@@ -154,22 +154,6 @@ def _check_layout(names: set[str]) -> str | None:
   if core not in ({'k', 'v'}, {'embeds'}):
     return f'tensors {sorted(names)}: expected k and v, or embeds (and optionally tokens)'
   return None
-
-
-def _atomic_write(root: str, path: str, data: bytes) -> None:
-  fd, tmp = tempfile.mkstemp(dir=root, prefix=TMP_PREFIX)
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    try:
-      os.unlink(tmp)
-    except FileNotFoundError:
-      pass
-    raise
 
 
 def _fsync_dir(root: str) -> None:
@@ -377,9 +361,11 @@ class PromptStore:
         'dtypes': {n: str(x.dtype) for n, x in tensors.items()},
         'bytes': sum(x.nbytes for x in tensors.values()), 'pgm_ms': pgm_ms,
         'sha256': hashlib.sha256(data).hexdigest()}
-    _atomic_write(self.root, self._path(pid, '.safetensors'), data)
-    _atomic_write(self.root, self._path(pid, '.json'),  # last: commits the entry
-                  json.dumps(meta, ensure_ascii=False, indent=1).encode('utf-8'))
+    # In the root, durable, named TMP_PREFIX... (a crash's leftovers are recognised and removed)
+    atomic.write(self._path(pid, '.safetensors'), data, durable=True, tmp_prefix=TMP_PREFIX)
+    atomic.write(self._path(pid, '.json'),  # last: commits the entry
+                 json.dumps(meta, ensure_ascii=False, indent=1), durable=True,
+                 tmp_prefix=TMP_PREFIX)
     _fsync_dir(self.root)
     return meta
 
