@@ -7,10 +7,12 @@ same run with a large float32 matmul.
   python bench/train_step.py                                  # the default config, its workdir
   python bench/train_step.py --config.batch_size=32 --steps=20
   python bench/train_step.py --config=configs/gpt2_xl_cls2cls.py --config.data_dir=... --config.model=...
+  python bench/train_step.py --vs_buckets_per_octave=1    # also padded to powers of two, interleaved
 
 The default config's built-in LM is pretrained (or reused) in --workdir first.
 """
 
+import dataclasses
 import os
 import sys
 import time
@@ -30,6 +32,9 @@ from metal_jax.data.episodes import EpisodeSampler  # noqa: E402
 config_flags.DEFINE_config_file('config', 'configs/default.py', 'experiment config')
 flags.DEFINE_string('workdir', 'runs/bench', 'where the data / built-in base LM go')
 flags.DEFINE_integer('steps', 10, 'timed steps (after one compile step)')
+flags.DEFINE_integer('vs_buckets_per_octave', 0,
+                     '> 0: also time the same episodes padded with this buckets_per_octave, the '
+                     'two steps interleaved (medians and the ratio)')
 flags.DEFINE_integer('matmul', 2048, 'size n of the n x n x n float32 matmul that measures peak')
 FLAGS = flags.FLAGS
 
@@ -61,23 +66,34 @@ def main(argv):
 
   # One batch shape for every timed step, so only one compilation is measured out.
   local = sampler.batch(0)
-  batch = sharding.global_batch(local, mesh)
   tokens = int(local['pgm_mask'].sum() + local['lm_mask'].sum())
-  padded = sum(int(np.prod(v.shape)) for k, v in local.items() if k in ('pgm_ids', 'lm_ids'))
-  t = time.perf_counter()
-  compiled = step.lower(state, lm.params, batch, rng).compile()
-  compile_s = time.perf_counter() - t
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get('flops', 0.0))
-  state, m = compiled(state, lm.params, batch, rng)
-  jax.block_until_ready(m)
-  times = []
-  for _ in range(FLAGS.steps):
+  variants = {config.get('buckets_per_octave', 1): local}
+  if FLAGS.vs_buckets_per_octave:  # the same episodes, padded to the other buckets
+    spec = dataclasses.replace(run.spec, buckets_per_octave=FLAGS.vs_buckets_per_octave)
+    variants[FLAGS.vs_buckets_per_octave] = EpisodeSampler(
+        run.tasks, spec, config.batch_size, config.seed).batch(0)
+  timed = {}
+  for n, loc in variants.items():
+    batch = sharding.global_batch(loc, mesh)
     t = time.perf_counter()
-    state, m = compiled(state, lm.params, batch, rng)
+    compiled = step.lower(state, lm.params, batch, rng).compile()
+    compile_s = time.perf_counter() - t
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    st, m = compiled(trainer.init(jax.random.key(config.seed)), lm.params, batch, rng)
     jax.block_until_ready(m)
-    times.append(time.perf_counter() - t)
+    padded = sum(int(np.prod(v.shape)) for k, v in loc.items() if k in ('pgm_ids', 'lm_ids'))
+    timed[n] = dict(compiled=compiled, batch=batch, state=st, times=[], compile_s=compile_s,
+                    flops=float(cost.get('flops', 0.0)), padded=padded,
+                    shape=(loc['pgm_ids'].shape[-1], loc['lm_ids'].shape[-1]))
+  for _ in range(FLAGS.steps):  # interleaved: the machine's drift hits every variant alike
+    for v in timed.values():
+      t = time.perf_counter()
+      v['state'], m = v['compiled'](v['state'], lm.params, v['batch'], rng)
+      jax.block_until_ready(m)
+      v['times'].append(time.perf_counter() - t)
+  first = next(iter(timed.values()))
+  times, compile_s, flops, padded = first['times'], first['compile_s'], first['flops'], first['padded']
   step_s = float(np.median(times))
   peak = matmul_peak(FLAGS.matmul)
   achieved = flops / step_s
@@ -85,8 +101,8 @@ def main(argv):
   print(f'devices: {jax.device_count()} x {jax.devices()[0].platform}; mesh {dict(mesh.shape)}')
   print(f'model: {lm.config.model_type} d={lm.config.d_model} L={lm.config.n_layers}; '
         f'design={pgm_cfg.design} P={pgm_cfg.prompt_len} dtype={config.dtype}')
-  print(f'batch: {config.batch_size} episodes; PGM {local["pgm_ids"].shape[1]} + '
-        f'LM {local["lm_ids"].shape[1]} tokens a row; {tokens} real / {padded} padded tokens')
+  print(f'batch: {config.batch_size} episodes; PGM {local["pgm_ids"].shape[-1]} + '
+        f'LM {local["lm_ids"].shape[-1]} tokens a row; {tokens} real / {padded} padded tokens')
   print(f'compile: {compile_s:.1f} s')
   print(f'step time (median of {FLAGS.steps}): {step_s * 1e3:.1f} ms')
   print(f'tokens/s: {tokens / step_s:,.0f} real, {padded / step_s:,.0f} padded')
@@ -94,6 +110,13 @@ def main(argv):
         f'{achieved / 1e9:.1f} GFLOP/s')
   print(f'matmul peak ({FLAGS.matmul}^3 float32): {peak / 1e9:.1f} GFLOP/s -> '
         f'{100 * achieved / peak:.1f}% of peak')
+  if len(timed) > 1:
+    print('buckets_per_octave | PGM + LM row | padded tokens | compile s | GFLOP | median step ms '
+          '| ratio to the first')
+    for n, v in timed.items():
+      med = float(np.median(v['times']))
+      print(f'{n} | {v["shape"][0]} + {v["shape"][1]} | {v["padded"]} | {v["compile_s"]:.1f} | '
+            f'{v["flops"] / 1e9:.2f} | {med * 1e3:.1f} | {med / step_s:.2f}')
 
 
 if __name__ == '__main__':

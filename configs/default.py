@@ -26,9 +26,16 @@ def get_config() -> ml_collections.ConfigDict:
   # Iterative generation: PGM passes per episode, each reading n_P more examples and the previous
   # pass's prompt; the loss averages every pass's prompt (eval.py --analysis=iterative uses it).
   c.prompt_chunks = 1
+  # Queries (x, y) per episode, scored under the episode's one prompt (the paper: 1). More
+  # queries give each PGM pass more of Equation 1's signal at little cost: the LM half is short.
+  c.queries_per_episode = 1
   c.max_example_len = 256  # tokens per example (input cut from the left)
   c.max_len = 0  # sequence limit; 0 = the model's (GPT-2: n_positions)
   c.max_examples_per_task = 16384
+  # Sequences are padded to one of a few lengths (one compiled step each): from 32 up, this many
+  # per doubling (1: powers of two). The default's X^P (about 140 tokens with the 20 slots) pads
+  # to 160 with 4, to 256 with 1.
+  c.buckets_per_octave = 4
 
   c.pgm = ml_collections.ConfigDict(dict(
       prompt_len=20, design='prefix', temperature=1.0, gumbel_tau=1.0, lstm_layers=2))

@@ -41,7 +41,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(config.batch_size > 0, 'batch_size', 'must be positive')
   need(config.n_prompt_examples >= 1, 'n_prompt_examples', 'must be >= 1')
   need(config.n_lm_examples >= 0, 'n_lm_examples', 'must be >= 0')
-  need(config.get('prompt_chunks', 1) >= 1, 'prompt_chunks', 'must be >= 1 (1: one PGM pass)')
+  field = lambda name: training.config_field(config, name)
+  need(field('prompt_chunks') >= 1, 'prompt_chunks', 'must be >= 1 (1: one PGM pass)')
+  need(field('buckets_per_octave') in (1, 2, 4, 8, 16, 32), 'buckets_per_octave',
+       'choose 1, 2, 4, 8, 16 or 32 (the padded lengths per doubling)')
+  need(field('queries_per_episode') >= 1, 'queries_per_episode', 'must be >= 1 (the paper: 1)')
   need(config.optim.accum_steps >= 1 and config.batch_size % config.optim.accum_steps == 0,
        'optim.accum_steps', f'must divide batch_size={config.batch_size}')
   need(config.pgm.design in pgm.DESIGNS, 'pgm.design', f'choose one of {pgm.DESIGNS}')
@@ -116,7 +120,9 @@ def episode_spec(config, lm_config, tokenizer=None) -> EpisodeSpec:
   return EpisodeSpec(n_prompt_examples=config.n_prompt_examples,
                      n_lm_examples=config.n_lm_examples, prompt_len=config.pgm.prompt_len,
                      max_len=model_limit(config, lm_config),
-                     prompt_chunks=config.get('prompt_chunks', 1),
+                     prompt_chunks=training.config_field(config, 'prompt_chunks'),
+                     queries=training.config_field(config, 'queries_per_episode'),
+                     buckets_per_octave=training.config_field(config, 'buckets_per_octave'),
                      bos_id=None if tokenizer is None else bos_token(tokenizer))
 
 

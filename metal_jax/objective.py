@@ -15,6 +15,9 @@ from metal_jax import pgm
 from metal_jax.data.episodes import pgm_chunk_keys
 
 
+LM_KEYS = ('lm_ids', 'lm_mask', 'target_pos', 'target_ids', 'target_mask')  # an LM half's
+
+
 def token_nll(logits, target_ids, target_mask):
   """Per-token NLL [B, Y] (zero where masked) from logits [B, Y, V]."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
@@ -48,7 +51,13 @@ def nll_sum(cfg: pgm.PGMConfig, module, params: dict, trainable: dict, batch: di
 
   Iterative generation (batch keys pgm_ids_1, ...: episodes.pgm_chunk_keys): pass i reads its
   examples and pass i-1's prompt, and every pass's prompt is scored, so the loss is the mean
-  over the passes (each prompt, not only the last, must serve the LM)."""
+  over the passes (each prompt, not only the last, must serve the LM).
+
+  LM keys [B, Q, ...] (Q queries an episode: episodes.collate) are scored as B x Q rows, episode
+  b's Q queries consecutive under its prompt (score's shared keys/values, no copy)."""
+  lm_half = {k: batch[k] for k in LM_KEYS}
+  if lm_half['lm_ids'].ndim == 3:
+    lm_half = {k: v.reshape(-1, v.shape[-1]) for k, v in lm_half.items()}
   total = count = jnp.float32(0)
   prompt, i = None, 0
   while pgm_chunk_keys(i)[0] in batch:
@@ -56,7 +65,7 @@ def nll_sum(cfg: pgm.PGMConfig, module, params: dict, trainable: dict, batch: di
     r = None if rng is None else (rng if i == 0 else jax.random.fold_in(rng, i))
     prompt = pgm.generate(cfg, module, params, trainable, batch[ids], batch[mask], rng=r,
                           train=train, prev=prompt)
-    t, c = score(module, params, prompt, batch)
+    t, c = score(module, params, prompt, lm_half)
     total, count, i = total + t.sum(), count + c.sum(), i + 1
   return total, count
 

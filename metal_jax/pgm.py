@@ -93,12 +93,14 @@ class Prompt:
     return self._map(lambda x, field: sharding.constrain(x, self.LOGICAL_AXES[field]))
 
   def broadcast_to(self, n: int) -> 'Prompt':
-    """This prompt for n rows: a batch-1 prompt broadcast, or a batch-n prompt as it is."""
-    if self.batch_size == n:
+    """This prompt for n rows: a batch-n prompt as it is; a batch-G prompt (G dividing n) with
+    row g repeated for rows g*n/G .. (g+1)*n/G - 1 (a batch-1 prompt: broadcast)."""
+    g = self.batch_size
+    if g == n:
       return self
-    if self.batch_size != 1:
-      raise ValueError(f'a prompt of batch {self.batch_size} cannot serve {n} rows')
-    return self._map(lambda x, field: jnp.repeat(x, n, axis=self.BATCH_AXIS[field]))
+    if n % g:
+      raise ValueError(f'a prompt of batch {g} cannot serve {n} rows')
+    return self._map(lambda x, field: jnp.repeat(x, n // g, axis=self.BATCH_AXIS[field]))
 
 
 def save_prompt(path: str, prompt: Prompt, meta: dict | None = None) -> None:

@@ -38,7 +38,7 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import NamedSharding
 
-from metal_jax import experiment, sharding
+from metal_jax import experiment, objective, sharding
 from metal_jax.data import synthetic
 from metal_jax.data.episodes import (EpisodeSpec, LMHalf, bucket, collate_lm, collate_pgm,
                                      lm_lengths, pgm_length)
@@ -172,7 +172,8 @@ def abstract_batch(spec: EpisodeSpec, batch_size: int, lengths: tuple[int, int, 
          **collate_lm([LMHalf(np.zeros(0, np.int32), np.zeros(1, np.int32))], lm_len,
                       target_len)}
   sh = sharding.batch_sharding(mesh)
-  return {k: jax.ShapeDtypeStruct((batch_size, *v.shape[1:]), v.dtype, sharding=sh)
+  q = lambda k: (spec.queries,) if spec.queries > 1 and k in objective.LM_KEYS else ()
+  return {k: jax.ShapeDtypeStruct((batch_size, *q(k), *v.shape[1:]), v.dtype, sharding=sh)
           for k, v in one.items()}
 
 

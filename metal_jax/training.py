@@ -505,7 +505,16 @@ def saved_config(mngr: ocp.CheckpointManager, step: int) -> dict:
 # resumes from its last good checkpoint with it set.
 RESUMABLE_CHANGES = ('stop_at', 'log_every', 'progress', 'save_every', 'keep_checkpoints',
                      'async_checkpoints', 'distributed', 'coordinator_address', 'num_processes',
-                     'process_id', 'mesh', 'remat', 'eval', 'prefetch', 'skip_nonfinite_steps')
+                     'process_id', 'mesh', 'remat', 'eval', 'prefetch', 'skip_nonfinite_steps',
+                     'buckets_per_octave')
+# Fields added after runs were saved, with the value a config written before them meant: a
+# checkpoint without one resumes (and is evaluated) as it was trained.
+ADDED_FIELDS = {'prompt_chunks': 1, 'queries_per_episode': 1, 'buckets_per_octave': 1}
+
+
+def config_field(config, name: str):
+  """config[name], or for an ADDED_FIELDS name missing from an older run's config, its value."""
+  return config.get(name, ADDED_FIELDS[name])
 
 
 def check_resume_config(saved: dict, current: dict, directory: str) -> None:
@@ -518,7 +527,7 @@ def check_resume_config(saved: dict, current: dict, directory: str) -> None:
       else:
         out[f'{prefix}{k}'] = v
     return out
-  a, b = flat(saved), flat(current)
+  a, b = {**ADDED_FIELDS, **flat(saved)}, {**ADDED_FIELDS, **flat(current)}
   changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)
                    and k.split('.')[0] not in RESUMABLE_CHANGES)
   if changed:

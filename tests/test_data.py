@@ -556,6 +556,34 @@ def test_iterative_episodes_draw_disjoint_chunks_from_one_task(suite):
     assert e1.pgm_tokens.tolist() == E.concat_examples(task, idx[:3]).tolist()
 
 
+def test_episodes_with_several_queries(suite):
+  """queries = 3: each episode draws n_P + n_L + 3 distinct examples of one task, the last 3 its
+  queries, each after the same X^L; the LM keys are [B, 3, ...]; the PGM half and the draws
+  are those of one query."""
+  _, _, tasks = suite
+  spec = EpisodeSpec(n_prompt_examples=3, n_lm_examples=1, prompt_len=4, max_len=128, queries=3)
+  b = EpisodeSampler(tasks, spec, batch_size=4, seed=SEED).batch(0)
+  assert b['pgm_ids'].shape[0] == 4 and b['lm_ids'].shape[:2] == (4, 3)
+  assert all(b[k].shape[:2] == (4, 3) for k in ('lm_mask', 'target_pos', 'target_ids',
+                                                 'target_mask'))
+  for i in range(4):
+    rng = np.random.default_rng([SEED, 0, i])
+    task = tasks[rng.integers(len(tasks))]
+    idx = rng.choice(len(task), 3 + 1 + 3, replace=False)
+    want = E.concat_examples(task, idx[:3])
+    assert b['pgm_ids'][i, -4 - len(want):-4].tolist() == want.tolist()
+    for j, q in enumerate(idx[4:]):
+      half = E.build_lm_half(E.concat_examples(task, idx[3:4]), task.input_first[q],
+                             task.input_rest[q], task.output_ids[q], spec)
+      n, ny = len(half.context), len(half.target)
+      assert b['lm_ids'][i, j, :n + ny].tolist() == half.context.tolist() + half.target.tolist()
+      assert b['target_ids'][i, j, :ny].tolist() == half.target.tolist()
+      assert int(b['target_mask'][i, j].sum()) == ny
+  assert EpisodeSampler(tasks, spec, 4, SEED).episodes_per_epoch == sum(len(t) // 7 for t in tasks)
+  with pytest.raises(ValueError, match='n_P \\+ n_L \\+ queries = 100'):
+    EpisodeSampler(tasks, dataclasses.replace(spec, queries=96), 4, SEED)
+
+
 # Short enough that X^P and X^L + x are cut.
 SMALL = EpisodeSpec(n_prompt_examples=8, n_lm_examples=6, prompt_len=8, max_len=48)
 
@@ -626,6 +654,30 @@ def test_explicit_buckets_include_max_len():
   spec = EpisodeSpec(max_len=100, buckets=(48, 16, 48))
   assert spec.length_buckets() == (16, 48, 100)
   assert EpisodeSpec(max_len=256).length_buckets() == (32, 64, 128, 256)
+  assert EpisodeSpec(max_len=256, buckets_per_octave=4).length_buckets() == (
+      32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+  assert EpisodeSpec(max_len=100, buckets_per_octave=2).length_buckets() == (32, 48, 64, 96, 100)
+  with pytest.raises(ValueError, match='buckets_per_octave=3'):
+    EpisodeSpec(buckets_per_octave=3).length_buckets()
+
+
+def test_finer_buckets_pad_the_same_rows_less(suite):
+  """buckets_per_octave = 4: the same episodes, padded to the smallest of the finer lengths that
+  fits; the rows' tokens are the same, only the padding is shorter."""
+  _, _, tasks = suite
+  coarse = EpisodeSpec(n_prompt_examples=5, prompt_len=4, max_len=256)
+  fine = dataclasses.replace(coarse, buckets_per_octave=4)
+  a, b = (EpisodeSampler(tasks, s, batch_size=4, seed=SEED).batch(0) for s in (coarse, fine))
+  longest = int(a['pgm_mask'].sum(1).max())
+  assert b['pgm_ids'].shape[1] == min(x for x in fine.length_buckets() if x >= longest)
+  assert b['pgm_ids'].shape[1] < a['pgm_ids'].shape[1], (a['pgm_ids'].shape, longest)
+  cut = a['pgm_ids'].shape[1] - b['pgm_ids'].shape[1]
+  np.testing.assert_array_equal(a['pgm_ids'][:, cut:], b['pgm_ids'])  # left padding removed
+  np.testing.assert_array_equal(a['pgm_mask'][:, cut:], b['pgm_mask'])
+  assert not a['pgm_mask'][:, :cut].any()
+  n = b['lm_ids'].shape[1]
+  np.testing.assert_array_equal(a['lm_ids'][:, :n], b['lm_ids'])  # right padding removed
+  assert not a['lm_mask'][:, n:].any()
 
 
 # ----------------------------------------------------------------------------- 9. refusals

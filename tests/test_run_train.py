@@ -10,11 +10,12 @@ import os
 import signal
 import types
 
+import ml_collections
 import numpy as np
 import pytest
 
 from configs import default
-from metal_jax import run_train, sharding, training
+from metal_jax import experiment, run_train, sharding, training
 from metal_jax.data.episodes import EpisodeSampler, EpisodeSpec
 from metal_jax.data.tasks import TokenizedTask
 
@@ -110,6 +111,21 @@ def test_prefetch_may_change_on_resume_and_checkpoints_from_before_it_resume():
     training.check_resume_config(saved, {**saved, 'prefetch': prefetch}, '/ckpt')
   with pytest.raises(training.ResumeError, match=r'/ckpt: .*num_steps \(400 -> 1\)'):
     training.check_resume_config(before_field, {**saved, 'num_steps': 1}, '/ckpt')
+
+
+def test_checkpoints_from_before_added_fields_resume_as_they_were_trained():
+  """A config saved before prompt_chunks, queries_per_episode or buckets_per_octave existed
+  meant 1 for each: it resumes under 1, is refused under another value (except the padding's
+  buckets_per_octave, which changes no number), and is run with 1."""
+  saved = json.loads(default.get_config().to_json_best_effort())
+  old = {k: v for k, v in saved.items() if k not in training.ADDED_FIELDS}
+  now = {**saved, 'prompt_chunks': 1, 'queries_per_episode': 1, 'buckets_per_octave': 4}
+  training.check_resume_config(old, now, '/ckpt')
+  for field in ('prompt_chunks', 'queries_per_episode'):
+    with pytest.raises(training.ResumeError, match=rf'{field} \(1 -> 2\)'):
+      training.check_resume_config(old, {**now, field: 2}, '/ckpt')
+  spec = experiment.episode_spec(ml_collections.ConfigDict(old), types.SimpleNamespace(max_len=256))
+  assert (spec.prompt_chunks, spec.queries, spec.buckets_per_octave) == (1, 1, 1)
 
 
 def test_negative_prefetch_is_refused_up_front(tmp_path):

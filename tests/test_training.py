@@ -7,7 +7,7 @@
 * every prompt design trains: on a fixed batch the loss of the prompt generated at inference falls
   (and the training loss, except the discrete design's, whose Gumbel samples are noise at first);
 * the step sharded over a data x fsdp x tensor mesh of 8 fake CPU devices equals one device, and
-  gradient accumulation equals the full batch;
+  gradient accumulation equals the full batch; Q queries an episode equal Q one-query episodes;
 * train() stopped at step N and resumed equals the uninterrupted run (losses, params, data state),
   with batches built ahead in the prefetch thread (the default) or not, and after a preemption;
 * a prompt saved and loaded gives the same LM logits.
@@ -17,6 +17,7 @@ Run with `pytest -s` to see the measured differences.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -32,8 +33,8 @@ from configs import default
 from conftest import save_hf
 from metal_jax import experiment, lora, objective, pgm, run_train, sharding, training
 from metal_jax.data import synthetic
-from metal_jax.data.episodes import (EpisodeSampler, EpisodeSpec, batch_shapes, collate,
-                                     make_episode)
+from metal_jax.data.episodes import (Episode, EpisodeSampler, EpisodeSpec, batch_shapes,
+                                     collate, make_episode)
 from metal_jax.data.prefetch import Prefetcher
 from metal_jax.data.tasks import load_tokenized, meta_train_file
 from metal_jax.models import config_from_hf
@@ -367,6 +368,35 @@ def test_sharded_equals_single_device(models, batch8, compiled, model, accum):
         f'loss {dl:.2e}')
   assert float(m8['target_tokens']) == float(m1['target_tokens']) == batch8['target_mask'].sum()
   assert dg <= REL_TOL and dl <= REL_TOL
+
+
+@pytest.mark.parametrize('model,design', [('gpt2', 'prefix'), ('llama', 'weighted_sum')])
+def test_queries_share_their_episodes_prompt(models, tasks, compiled, model, design):
+  """queries_per_episode = Q: an episode's Q queries, scored under its one prompt ([B, Q, ...]
+  LM keys), give the loss and gradients of B x Q one-query episodes that repeat its X^P (the PGM
+  run once per query); sharded over data x fsdp x tensor with 2 micro-batches as on one device."""
+  lm, cfg = models[model], pgm_cfg(design)
+  tr = perturbed_trainable(lm.config, cfg)
+  spec = EpisodeSpec(n_prompt_examples=3, prompt_len=P, max_len=128, queries=2)
+  sampler = EpisodeSampler(tasks, spec, 8, seed=2)
+  batch = sampler.batch(0)
+  eps = [sampler.episode(0, i) for i in range(8)]
+  assert batch['lm_ids'].shape[:2] == (8, 2) and batch['pgm_ids'].shape[0] == 8
+  flat = [Episode(e.pgm_tokens, h) for e in eps for h in e.lm_halves]
+  flat_batch = collate(flat, dataclasses.replace(spec, queries=1), *batch_shapes(eps, spec))
+  assert flat_batch['pgm_ids'].shape[0] == flat_batch['lm_ids'].shape[0] == 16
+  np.testing.assert_array_equal(flat_batch['lm_ids'], batch['lm_ids'].reshape(16, -1))
+  g1, m1 = grads_fn(compiled, lm, model, design, 'one', 1)(tr, flat_batch)
+  gq, mq = grads_fn(compiled, lm, model, design, 'mesh', 2)(tr, batch)
+  dg, dl = tree_rel(gq, g1), rel(mq['loss'], m1['loss'])
+  print(f'\n{model}/{design}: 2 queries an episode vs one-query episodes: grads max rel diff '
+        f'{dg:.2e}, loss {dl:.2e}')
+  assert float(mq['target_tokens']) == float(m1['target_tokens']) == batch['target_mask'].sum()
+  assert dg <= REL_TOL and dl <= REL_TOL
+  # Each query counts: scoring only the first query of each episode changes the loss.
+  first = {**batch, 'target_mask': batch['target_mask'] * np.array([1, 0])[None, :, None]}
+  _, m_first = grads_fn(compiled, lm, model, design, 'mesh', 2)(tr, first)
+  assert abs(float(m_first['loss']) - float(mq['loss'])) > 1e-4
 
 
 # ----------------------------------------------------------------------------- 6. resume

@@ -1,6 +1,7 @@
 """Meta-training episodes: X^P for the PGM, X^L + (x, y) for the frozen LM.
 
-An episode draws one task, then n_P + n_L + 1 distinct examples from it. Sequences
+An episode draws one task, then n_P + n_L + Q distinct examples from it (Q queries, 1 by
+default, each scored under the episode's one prompt). Sequences
 follow MetaICL's direct format (the first example's input bare, later ones after
 three newlines; outputs after one newline), are cut from the left to fit, and are
 padded to a few bucket lengths so that jit compiles a handful of shapes.
@@ -24,6 +25,8 @@ Batch layout (numpy):
   target_ids  [B, Y] int32  the y tokens
   target_mask [B, Y] int32  1 where a y token is scored
   pgm_ids_i, pgm_mask_i      iterative generation (spec.prompt_chunks > 1): pass i's PGM half
+With Q > 1 queries (spec.queries) the LM half's keys are [B, Q, ...]: episode b's queries
+share its prompt (objective.nll_sum flattens them to B x Q consecutive rows).
 """
 
 from __future__ import annotations
@@ -45,11 +48,17 @@ class EpisodeSpec:
   n_lm_examples: int = 0  # n_L: demonstrations the frozen LM sees
   prompt_len: int = 20  # P: padding slots / prompt positions
   max_len: int = 1024  # the model's limit (GPT-2: n_positions)
-  buckets: tuple[int, ...] = ()  # sequence lengths to pad to; () = powers of two up to max_len
+  buckets: tuple[int, ...] = ()  # sequence lengths to pad to; () = buckets_per_octave's
+  # With buckets (): lengths from 32 up to max_len, this many per doubling (1: powers of two;
+  # 4: 32, 40, 48, 56, 64, 80, ...): padding at most 1/n of a bucket, up to n times the shapes.
+  buckets_per_octave: int = 1
   target_buckets: tuple[int, ...] = (4, 8, 16, 32, 64, 128, 256)
   # Iterative generation: PGM passes per episode, each reading n_P more examples and the previous
   # pass's prompt (pgm.generate's prev); the loss is the mean over the passes' prompts.
   prompt_chunks: int = 1
+  # Queries (x, y) per episode, each scored under the episode's prompt: Equation 1's sum over
+  # queries estimated with Q draws per PGM pass instead of one (the PGM pass costs the most).
+  queries: int = 1
   # The tokenizer's BOS when it adds one (Llama; tasks.bos_token): the first token of every
   # sequence the PGM or the LM reads, as tokenizer(text) puts it. None: no BOS (GPT-2).
   bos_id: int | None = None
@@ -75,9 +84,12 @@ class EpisodeSpec:
   def length_buckets(self) -> tuple[int, ...]:
     if self.buckets:
       return tuple(sorted(set(self.buckets) | {self.max_len}))
+    n = self.buckets_per_octave
+    if n < 1 or 32 % n:
+      raise ValueError(f'buckets_per_octave={n}: must be 1, 2, 4, 8, 16 or 32')
     b, out = 32, []
     while b < self.max_len:
-      out.append(b)
+      out += [x for x in range(b, 2 * b, b // n) if x < self.max_len]
       b *= 2
     return tuple(out) + (self.max_len,)
 
@@ -113,10 +125,15 @@ class LMHalf:
 
 @dataclasses.dataclass
 class Episode:
-  """A meta-training episode: the PGM half (X^P, truncated) and the LM half."""
+  """A meta-training episode: the PGM half (X^P, truncated) and the LM half (one a query)."""
   pgm_tokens: np.ndarray  # BOS (if any) and X^P, truncated
   lm: LMHalf
   more_pgm: tuple[np.ndarray, ...] = ()  # iterative generation: the next passes' PGM halves
+  more_lm: tuple[LMHalf, ...] = ()  # the queries after the first (spec.queries > 1)
+
+  @property
+  def lm_halves(self) -> tuple[LMHalf, ...]:
+    return (self.lm,) + tuple(self.more_lm)
 
   @property
   def pgm_chunks(self) -> tuple[np.ndarray, ...]:
@@ -146,14 +163,16 @@ def build_lm_half(demo_tokens: np.ndarray, x_first: np.ndarray, x_rest: np.ndarr
 
 
 def make_episode(task: TokenizedTask, prompt_idx: Sequence[int], demo_idx: Sequence[int],
-                 query: int, spec: EpisodeSpec,
+                 query: int | Sequence[int], spec: EpisodeSpec,
                  more_prompt_idx: Sequence[Sequence[int]] = ()) -> Episode:
-  """One meta-training episode, all examples from `task` (more_prompt_idx: the examples of the
-  iterative passes after the first)."""
-  return Episode(build_pgm_half(concat_examples(task, prompt_idx), spec),
-                 build_lm_half(concat_examples(task, demo_idx), task.input_first[query],
-                               task.input_rest[query], task.output_ids[query], spec),
-                 tuple(build_pgm_half(concat_examples(task, i), spec) for i in more_prompt_idx))
+  """One meta-training episode, all examples from `task` (query: one example or several, each
+  after the same X^L; more_prompt_idx: the examples of the iterative passes after the first)."""
+  demos = concat_examples(task, demo_idx)
+  lm = [build_lm_half(demos, task.input_first[q], task.input_rest[q], task.output_ids[q], spec)
+        for q in np.atleast_1d(query)]
+  return Episode(build_pgm_half(concat_examples(task, prompt_idx), spec), lm[0],
+                 tuple(build_pgm_half(concat_examples(task, i), spec) for i in more_prompt_idx),
+                 tuple(lm[1:]))
 
 
 def collate_pgm(pgm_tokens: Sequence[np.ndarray], spec: EpisodeSpec,
@@ -192,8 +211,14 @@ def collate_lm(halves: Sequence[LMHalf], lm_len: int, target_len: int) -> dict[s
 def collate(episodes: Sequence[Episode], spec: EpisodeSpec, pgm_len: int, lm_len: int,
             target_len: int) -> dict[str, np.ndarray]:
   """Episodes -> both halves' keys (the layout in the module docstring); iterative passes
-  after the first add pgm_ids_{i}, pgm_mask_{i} (i = 1, 2, ...: pgm_chunk_keys)."""
-  out = collate_lm([e.lm for e in episodes], lm_len, target_len)
+  after the first add pgm_ids_{i}, pgm_mask_{i} (i = 1, 2, ...: pgm_chunk_keys); Q > 1 queries
+  an episode give the LM keys [B, Q, ...]."""
+  q = len(episodes[0].lm_halves)
+  if any(len(e.lm_halves) != q for e in episodes):
+    raise ValueError('every episode of a batch must have the same number of queries')
+  out = collate_lm([h for e in episodes for h in e.lm_halves], lm_len, target_len)
+  if q > 1:
+    out = {k: v.reshape(len(episodes), q, *v.shape[1:]) for k, v in out.items()}
   for i in range(len(episodes[0].pgm_chunks)):
     half = collate_pgm([e.pgm_chunks[i] for e in episodes], spec, pgm_len)
     ids, mask = pgm_chunk_keys(i)
@@ -222,7 +247,7 @@ def lm_lengths(halves: Sequence[LMHalf], spec: EpisodeSpec) -> tuple[int, int]:
 def batch_shapes(episodes: Sequence[Episode], spec: EpisodeSpec) -> tuple[int, int, int]:
   """Bucketed (pgm_len, lm_len, target_len) that fit every episode."""
   return (pgm_length([x for e in episodes for x in e.pgm_chunks], spec),
-          *lm_lengths([e.lm for e in episodes], spec))
+          *lm_lengths([h for e in episodes for h in e.lm_halves], spec))
 
 
 class EpisodeSampler:
@@ -230,10 +255,11 @@ class EpisodeSampler:
 
   def __init__(self, tasks: Sequence[TokenizedTask], spec: EpisodeSpec, batch_size: int,
                seed: int, process_index: int = 0, process_count: int = 1):
-    need = spec.prompt_chunks * spec.n_prompt_examples + spec.n_lm_examples + 1
+    need = spec.prompt_chunks * spec.n_prompt_examples + spec.n_lm_examples + spec.queries
     small = [t.path for t in tasks if len(t) < need]
     if small:
-      raise ValueError(f'tasks with fewer than chunks x n_P + n_L + 1 = {need} examples: {small}')
+      raise ValueError(f'tasks with fewer than chunks x n_P + n_L + queries = {need} examples: '
+                       f'{small}')
     if batch_size % process_count:
       raise ValueError(f'batch_size={batch_size} is not divisible by {process_count} processes')
     self.tasks, self.spec, self.batch_size, self.seed = list(tasks), spec, batch_size, seed
@@ -245,17 +271,17 @@ class EpisodeSampler:
   @property
   def episodes_per_epoch(self) -> int:
     spec = self.spec
-    per = spec.prompt_chunks * spec.n_prompt_examples + spec.n_lm_examples + 1
+    per = spec.prompt_chunks * spec.n_prompt_examples + spec.n_lm_examples + spec.queries
     return sum(len(t) // per for t in self.tasks)
 
   def episode(self, step: int, i: int) -> Episode:
     rng = np.random.default_rng([self.seed, step, i])
     task = self.tasks[rng.integers(len(self.tasks))]
     spec = self.spec
-    n_p, c = spec.n_prompt_examples, spec.prompt_chunks
-    idx = rng.choice(len(task), c * n_p + spec.n_lm_examples + 1, replace=False)
+    n_p, c, q = spec.n_prompt_examples, spec.prompt_chunks, spec.queries
+    idx = rng.choice(len(task), c * n_p + spec.n_lm_examples + q, replace=False)
     chunks = [idx[i * n_p:(i + 1) * n_p] for i in range(c)]
-    return make_episode(task, chunks[0], idx[c * n_p:-1], int(idx[-1]), spec, chunks[1:])
+    return make_episode(task, chunks[0], idx[c * n_p:-q], idx[-q:], spec, chunks[1:])
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
     """This process's rows of the global batch for `step`, padded to global bucket lengths."""
