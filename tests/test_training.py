@@ -595,9 +595,10 @@ def test_resume_refuses_changed_config():
   ok['stop_at'], ok['log_every'], ok['mesh']['fsdp'] = 7, 3, 2  # harmless for the numbers
   training.check_resume_config(saved, ok, '/ckpt')
   bad = json.loads(json.dumps(saved))
+  n = bad['num_steps']
   bad['num_steps'] += 1
   bad['optim']['lr'] *= 2
-  with pytest.raises(ValueError, match=r'/ckpt: .*num_steps \(400 -> 401\).*optim\.lr'):
+  with pytest.raises(ValueError, match=rf'/ckpt: .*num_steps \({n} -> {n + 1}\).*optim\.lr'):
     training.check_resume_config(saved, bad, '/ckpt')
 
 
