@@ -100,7 +100,12 @@ def compare_variants(analysis: str, workdir: str, seeds: Sequence[str], out: str
     sub = variant_workdir(workdir, config, analysis, label, fields)
     log.info('%s: %s in %s', analysis, label, sub)
     if not finished(sub, cfg):
-      run_train.train(cfg, sub)  # from scratch, or resumed from its last checkpoint
+      stopped = run_train.train(cfg, sub)['preempted_at']  # from scratch, or resumed
+      if stopped is not None:  # SIGTERM: the checkpoint is saved; nothing unfinished is scored
+        msg = (f'--analysis={analysis}: preempted while training {label} (saved at step '
+               f'{stopped} in {sub}); rerun the same command to resume')
+        log.info(msg)
+        return msg
     for p, l in tests or [(cfg.n_prompt_examples, cfg.n_lm_examples)]:
       where = os.path.join(final, 'runs', slug(f'{label} tested at {p} {l}'))
       main(workdir=sub, split=[str(p), str(l)], seeds=seeds, methods=['metal'], out=where,

@@ -569,6 +569,15 @@ def test_split_analysis_trains_the_other_pgm_and_tests_both_at_three_splits(trai
   src, _ = trained_run
   workdir = str(tmp_path / 'run')
   shutil.copytree(src, workdir, symlinks=True)
+  # A variant's training preempted (SIGTERM): the analysis stops there and scores nothing.
+  with pytest.MonkeyPatch.context() as mp:
+    from metal_jax import run_train
+    mp.setattr(run_train, 'train', lambda cfg, sub: {'preempted_at': 1})
+    msg = run_eval.main(workdir=workdir, seeds=['100', '13'], analysis='splits', progress=False,
+                        max_test_examples=4)
+  assert 'preempted while training trained at (12, 4) (saved at step 1' in msg, msg
+  assert not os.path.exists(os.path.join(workdir, 'eval_splits', 'runs',
+                                         'trained_at_12_4_tested_at_16_0'))
   md = run_eval.main(workdir=workdir, seeds=['100', '13'], analysis='splits', progress=False,
                      max_test_examples=4)
   sub = os.path.join(workdir, 'analysis', 'splits', 'trained_at_12_4')
