@@ -5,9 +5,12 @@
 * the candidates are the top-k of table @ -g over the allowed ids, g the gradient of the
   loss w.r.t. the position's embedding (HotFlip), as numpy ranks them;
 * the batched candidate losses equal each candidate trigger scored alone;
+* search (every iteration in one jitted call) keeps what search_step an iteration at a time
+  with the choice on the host keeps;
 * the same rng gives the same trigger.
 
-Every test uses the same shapes (P = 4, 4 candidates), so search_step compiles once.
+Every test uses the same shapes (P = 4, 4 candidates, 6 iterations), so each jitted function
+compiles once or twice (run() pads the short examples to 8 tokens, the batch fixture to 32).
 """
 
 from __future__ import annotations
@@ -109,6 +112,28 @@ def test_batched_candidate_losses_equal_each_alone(lm, batch):
   expected = [alone(np.where(np.arange(P) == pos, c, ids)) for c in np.asarray(cands)]
   np.testing.assert_allclose(np.asarray(cand_losses), expected, rtol=1e-6, atol=1e-6)
   assert len(set(np.asarray(cands).tolist())) == K
+
+
+def test_search_equals_the_step_by_step_loop(lm, batch):
+  """The first iteration's trigger loss starts the kept loss; a candidate replaces the trigger
+  only when its loss is lower; the kept loss after each iteration is returned."""
+  allowed = jnp.asarray(autoprompt.allowed_tokens(lm.config))
+  positions = np.asarray([1, 3, 1, 0, 2, 3], np.int32)  # HP.iters of them
+  start = np.asarray([5, 17, 0, 42], np.int32)
+  ids, losses = autoprompt.search(lm.module, lm.params, start, jnp.asarray(positions), allowed,
+                                  batch, K)
+  ref, ref_losses = start.copy(), []
+  for t, pos in enumerate(positions.tolist()):
+    loss, cands, cand_losses = autoprompt.search_step(lm.module, lm.params, ref, pos, allowed,
+                                                      batch, K)
+    best = float(loss) if t == 0 else ref_losses[-1]
+    i = int(np.argmin(cand_losses))
+    if cand_losses[i] < best:
+      best, ref[pos] = float(cand_losses[i]), int(np.asarray(cands)[i])
+    ref_losses.append(best)
+  np.testing.assert_array_equal(np.asarray(ids), ref)
+  np.testing.assert_allclose(np.asarray(losses), ref_losses, rtol=1e-6)
+  assert (ref != start).any() and ref_losses[-1] < ref_losses[0]
 
 
 def test_same_rng_same_trigger(lm, shots):

@@ -6,7 +6,7 @@
   forward + one backward per optimizer step; BBTv2: one forward per candidate);
 * MetaL(+Tune) starts exactly at the PGM's prompt;
 * BBTv2 never exceeds its forward-pass budget and, below one generation, says
-  the prompt is untuned;
+  the prompt is untuned; with the LM on a mesh it compiles one generation program;
 
 Learning rates are far above the paper's so that a few steps on a random tiny
 model show a decrease.
@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from conftest import save_hf
-from metal_jax import evaluation, methods, objective, pgm
+from metal_jax import evaluation, methods, objective, pgm, sharding
 from metal_jax.baselines import bbtv2, common, metal_tune, p_tuning, prefix_tuning, soft_prompt
 from metal_jax.data import synthetic
 from metal_jax.data.episodes import EpisodeSpec
@@ -281,6 +281,19 @@ def test_bbtv2_deterministic_and_leaves_numpy_rng(data, models):
   assert np.random.rand() == expected
   assert runs[0].losses == runs[1].losses
   np.testing.assert_array_equal(np.asarray(runs[0].prompt.kv.k), np.asarray(runs[1].prompt.kv.k))
+
+
+def test_bbtv2_on_a_mesh_compiles_one_generation(data, models):
+  """The LM's params on a mesh, as eval.py loads them: the kept prompt starts on that mesh, as
+  generation() returns it, so a run compiles one generation program, not one for its first call
+  and one for the rest."""
+  shots, _ = data
+  lm = models['gpt2']
+  mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, devices=jax.devices()[:1])
+  on_mesh = dataclasses.replace(lm, params=jax.device_put(lm.params, sharding.replicated(mesh)))
+  n = bbtv2.generation._cache_size()
+  res = run_baseline('bbtv2', on_mesh, shots, rng=jax.random.key(0), budget=15, **BBT)
+  assert bbtv2.generation._cache_size() == n + 1 and len(res.losses) == 3
 
 
 def test_bbtv2_cached_projections_equal_drawn_ones(data, models, monkeypatch):

@@ -5,7 +5,9 @@
   deterministic given rng;
 * the reward, the soft Q-learning loss and the Polyak update equal references written out in
   numpy;
-* the policy's MLP sits between the LM's final hidden state and its own head (tied or not).
+* the policy's MLP sits between the LM's final hidden state and its own head (tied or not);
+* with the LM on a mesh (as eval.py loads it) a run compiles its step once, and short examples
+  are padded to 8 tokens, not the spec's 32.
 
 The learning rate and MLP width are far from rl-prompt's so that a few steps show learning.
 """
@@ -20,7 +22,7 @@ import numpy as np
 import pytest
 
 from conftest import save_hf
-from metal_jax import evaluation, objective
+from metal_jax import evaluation, objective, sharding
 from metal_jax.baselines import common, rlprompt
 from metal_jax.data import synthetic
 from metal_jax.data.episodes import EpisodeSpec
@@ -212,3 +214,24 @@ def test_policy_mlp_replaces_hidden_state_before_the_head(tmp_path, lm):
     assert out.shape == (2,) + plain.shape
     np.testing.assert_allclose(np.asarray(out[0]), np.asarray(plain), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(out[1]), 0.0, atol=1e-6)  # a zero state: zero logits
+
+
+def test_on_a_mesh_the_step_compiles_once_for_short_rows(lm, shots, tokenizer, monkeypatch):
+  """The LM's params on a mesh, as eval.py loads them: the first step's state is on that mesh as
+  the step returns it, so a run compiles one step, not one for its first call and one for the
+  rest; the synthetic rows (a few tokens) are padded to 8, not the spec's shortest bucket."""
+  mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, devices=jax.devices()[:1])
+  params = jax.device_put(lm.params, sharding.replicated(mesh))
+  original, batches = rlprompt.reward_batch, []
+
+  def recording(*args):
+    batches.append(original(*args))
+    return batches[-1]
+
+  monkeypatch.setattr(rlprompt, 'reward_batch', recording)
+  n = rlprompt.train_step._cache_size()
+  hp = rlprompt.Hparams(steps=3, n_prompts=2, mlp_width=16)
+  res = rlprompt.run(lm.module, params, shots, range(16), SPEC, hp, rng=jax.random.key(0),
+                     tokenizer=tokenizer)
+  assert rlprompt.train_step._cache_size() == n + 1 and len(res.losses) == 3
+  assert batches[0]['lm_ids'].shape[1] == 8

@@ -117,6 +117,28 @@ def search_step(module, params: dict, ids: jax.Array, pos, allowed: jax.Array, b
   return loss, cands, jax.lax.map(cand_loss, cands)
 
 
+@functools.partial(jax.jit, static_argnames=('module', 'num_cand'))
+def search(module, params: dict, ids: jax.Array, positions: jax.Array, allowed: jax.Array,
+           batch: dict, num_cand: int) -> tuple[jax.Array, jax.Array]:
+  """Every iteration in one program (no host round trip between them): the trigger ids [P]
+  flipped at positions [I] in turn, each keeping its best candidate if it lowers the loss.
+  Returns (the final trigger [P], the kept trigger's loss after each iteration [I])."""
+
+  def iteration(carry, pos):
+    ids, best, first = carry
+    loss, cands, cand_losses = search_step(module, params, ids, pos, allowed, batch, num_cand)
+    best = jnp.where(first, loss, best)  # the first iteration's forward scores the start
+    i = jnp.argmin(cand_losses)  # the first minimum (a NaN, as numpy's; NaN < best is False)
+    better = cand_losses[i] < best
+    ids = jnp.where(better, ids.at[pos].set(cands[i]), ids)
+    best = jnp.where(better, cand_losses[i], best)
+    return (ids, best, False), best
+
+  start = (jnp.asarray(ids, jnp.int32), jnp.float32(jnp.inf), True)
+  (ids, _, _), losses = jax.lax.scan(iteration, start, positions)
+  return ids, losses
+
+
 def run(module, params: dict, task: TokenizedTask, idx: Sequence[int], spec: EpisodeSpec,
         hp: Hparams, *, rng) -> common.TuneResult:
   cfg = module.config
@@ -127,19 +149,14 @@ def run(module, params: dict, task: TokenizedTask, idx: Sequence[int], spec: Epi
   if allowed.sum() < hp.num_cand:
     raise ValueError(f'autoprompt.num_cand={hp.num_cand}: only {allowed.sum()} allowed tokens')
   ids = initial_trigger(cfg, hp)
+  spec = common.short_buckets(spec)
   batch = common.train_batch(task, idx, spec.with_prompt_len(hp.prompt_len))
   positions = common.np_rng(common.as_key(rng)).integers(hp.prompt_len, size=hp.iters)
-  allowed = jnp.asarray(allowed)
   losses = []
-  for t, pos in enumerate(positions.tolist()):
-    loss, cands, cand_losses = search_step(module, params, ids, pos, allowed, batch, hp.num_cand)
-    best = float(loss) if t == 0 else losses[-1]
-    cands, cand_losses = np.asarray(cands), np.asarray(cand_losses)
-    i = int(np.argmin(cand_losses))
-    if cand_losses[i] < best:
-      best = float(cand_losses[i])
-      ids[pos] = cands[i]
-    losses.append(best)
+  if hp.iters:
+    ids, losses = search(module, params, ids, jnp.asarray(positions, jnp.int32),
+                         jnp.asarray(allowed), batch, hp.num_cand)
+    ids, losses = np.asarray(ids), np.asarray(losses).tolist()
   return common.TuneResult(prompt=trigger_prompt(params[cfg.embed_param], ids),
                            forward_passes=hp.iters * (1 + hp.num_cand),
                            backward_passes=hp.iters, losses=losses)

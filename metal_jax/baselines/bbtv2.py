@@ -101,8 +101,26 @@ def layer_loss(module, params: dict, state: jax.Array, layer, kv_layer: jax.Arra
 @functools.partial(jax.jit, static_argnames=('module',))
 def population_loss(module, params: dict, state: jax.Array, layer, cands: jax.Array,
                     batch: dict) -> jax.Array:
-  """Losses [N] of N candidates [N, 2, P, K, H] for one layer: N forward passes in one program."""
-  return jax.lax.map(lambda kv: layer_loss(module, params, state, layer, kv, batch), cands)
+  """Losses [N] of N candidates [N, 2, P, K, H] for one layer: N forward passes in one program,
+  batched (vmap: N x B rows a matmul; 1.1-1.35x faster than one candidate at a time, lax.map, on
+  the default's tiny LM and 2 CPU cores)."""
+  return jax.vmap(lambda kv: layer_loss(module, params, state, layer, kv, batch))(cands)
+
+
+@functools.partial(jax.jit, static_argnames=('module', 'shape'))
+def generation(module, params: dict, state: jax.Array, best, layer, a: jax.Array, z: jax.Array,
+               batch: dict, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One CMA-ES generation's device work for layer `layer`: candidates z [N, d] projected by its
+  A (a), their losses [N], and the elitist update. Returns (state, best, losses): layer `layer`
+  of state [L, 2, P, K, H] becomes the best candidate when its loss is below best (the kept
+  prompt's loss), as run() decides the same on the host from the losses."""
+  cands = project(a, z, shape)
+  fits = population_loss(module, params, state, layer, cands, batch)
+  i = jnp.argmin(fits)  # the first minimum (a NaN, as numpy's argmin; NaN < best is False)
+  better = fits[i] < best
+  kept = jax.lax.dynamic_update_index_in_dim(state, cands[i].astype(state.dtype), layer, 0)
+  return jnp.where(better, kept, state), jnp.where(better, fits[i], best), fits
+
 
 
 def run(module, params: dict, task: TokenizedTask, idx: Sequence[int], spec: EpisodeSpec,
@@ -122,12 +140,16 @@ def run(module, params: dict, task: TokenizedTask, idx: Sequence[int], spec: Epi
   seed = int(common.np_rng(r_seed).integers(1, 2**30))  # cma: seed 0 would mean "random"
   table = np.asarray(params[cfg.embed_param], np.float32)
   std = np.float32(hp.alpha * float(table.std()) / (math.sqrt(d) * hp.sigma0))
+  spec = common.short_buckets(spec)
   batch = common.train_batch(task, idx, spec.with_prompt_len(p))
   if n_layers * d * math.prod(shape) * 4 <= CACHE_BYTES:  # every A_l once per task
     layer_projection = [projection(r_proj, l, std, d, shape) for l in range(n_layers)].__getitem__
   else:  # A_l drawn again at every generation
     layer_projection = lambda l: projection(r_proj, l, std, d, shape)
 
+  # The host's CMA-ES and the device alternate: a strategy's tell draws from numpy's global RNG
+  # (cma's consistency checks), which every strategy's ask samples from, so the next ask waits
+  # for this tell, and overlapping them would change the candidates.
   np_state = np.random.get_state()
   try:
     with warnings.catch_warnings():
@@ -136,19 +158,21 @@ def run(module, params: dict, task: TokenizedTask, idx: Sequence[int], spec: Epi
                                              {'popsize': pop, 'seed': seed + l, 'verbose': -9})
                     for l in range(n_layers)]
       best, losses, forward = math.inf, [], 0
+      # The kept prompt and its loss on the device (generation() updates them).
+      state, best_dev = common.on_params_mesh(params, (state, jnp.float32(jnp.inf)))
       for g in range(generations):
         layer = g % n_layers
         es = strategies[layer]
         zs = es.ask()
-        z = jnp.asarray(np.stack(zs), jnp.float32)
-        cands = project(layer_projection(layer), z, shape)
-        fits = np.asarray(population_loss(module, params, state, layer, cands, batch)).tolist()
+        state, best_dev, fits = generation(module, params, state, best_dev, layer,
+                                           layer_projection(layer),
+                                           jnp.asarray(np.stack(zs), jnp.float32), batch, shape)
+        fits = np.asarray(fits).tolist()
         forward += pop
         es.tell(zs, fits)
         i = int(np.argmin(fits))
         if fits[i] < best:
           best = fits[i]
-          state = state.at[layer].set(cands[i])
         losses.append(best)
   finally:
     np.random.set_state(np_state)

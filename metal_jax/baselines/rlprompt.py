@@ -316,6 +316,7 @@ def init_state(policy: dict, hp: Hparams) -> dict:
   return {'policy': policy, 'target': policy, 'opt': optimizer(hp.lr, hp.clip_norm).init(policy)}
 
 
+
 def run(module, params: dict, task: TokenizedTask, idx: Sequence[int], spec: EpisodeSpec,
         hp: Hparams, *, rng, tokenizer) -> common.TuneResult:
   """RLPrompt on the examples idx; the prompt is the trained policy's greedy prompt, decoded by
@@ -323,16 +324,18 @@ def run(module, params: dict, task: TokenizedTask, idx: Sequence[int], spec: Epi
   cfg = module.config
   r_init, r_train = jax.random.split(common.as_key(rng))
   mlp = AdaptorMLP(hp.mlp_width, cfg.d_model)
-  state = init_state(init_adaptor(mlp, r_init), hp)
+  state = common.on_params_mesh(params, init_state(init_adaptor(mlp, r_init), hp))
+  spec = common.short_buckets(spec)
   batch = reward_batch(task, idx, spec.with_prompt_len(hp.prompt_len))
   source = jnp.int32(source_id(cfg))
   traced = step_hparams(hp)
-  losses = []
+  losses = []  # on the device until the end: no step waits for the host
   for step in range(hp.steps):
     state, loss = train_step(module, mlp, params, state, batch, source,
                              jax.random.fold_in(r_train, step), traced, n=hp.n_prompts,
                              prompt_len=hp.prompt_len)
-    losses.append(float(loss))
+    losses.append(loss)
+  losses = [float(x) for x in jax.device_get(losses)]
   ids = greedy(module, params, mlp, state['policy'], source, prompt_len=hp.prompt_len)
   ids = jnp.asarray(retokenize(tokenizer, np.asarray(ids[0])))
   return common.TuneResult(prompt=discrete_prompt(module, params, ids[None]),
