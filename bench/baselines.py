@@ -153,8 +153,10 @@ def main(argv):
           res = run_worker(s, m, against_dir)
           runs[(s, m)].append(res['records'])
           recs = res['records']
-          print(f'round {r + 1}/{FLAGS.rounds} {m} {s}: total {sum(x["wall"] for x in recs):.1f} s '
-                f'wall, {sum(x["cpu"] for x in recs):.1f} s CPU, {len(recs)} task-seeds, '
+          print(f'round {r + 1}/{FLAGS.rounds} {m} {s}: median '
+                f'{statistics.median(x["wall"] for x in recs):.2f} s a task-seed, total '
+                f'{sum(x["wall"] for x in recs):.1f} s wall, {sum(x["cpu"] for x in recs):.1f} s '
+                f'CPU, {len(recs)} task-seeds, '
                 f'{sum(x["compiles"] for x in recs)} compilations '
                 f'({sum(x["compile_s"] for x in recs):.1f} s)', flush=True)
   summary = {}
