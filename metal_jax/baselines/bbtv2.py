@@ -122,7 +122,6 @@ def generation(module, params: dict, state: jax.Array, best, layer, a: jax.Array
   return jnp.where(better, kept, state), jnp.where(better, fits[i], best), fits
 
 
-
 def run(module, params: dict, task: TokenizedTask, idx: Sequence[int], spec: EpisodeSpec,
         hp: Hparams, *, rng) -> common.TuneResult:
   cfg = module.config
