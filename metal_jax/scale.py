@@ -40,8 +40,8 @@ from jax.sharding import NamedSharding
 
 from metal_jax import experiment, objective, sharding
 from metal_jax.data import synthetic
-from metal_jax.data.episodes import (EpisodeSpec, LMHalf, bucket, collate_lm, collate_pgm,
-                                     lm_lengths, pgm_length)
+from metal_jax.data.episodes import (EpisodeSpec, LMHalf, collate_lm, collate_pgm, lm_lengths,
+                                     pgm_length)
 from metal_jax.data.tasks import load_setting
 from metal_jax.models import config_from_hf, module_for
 from metal_jax.models.hf import param_shapes, read_hf_config

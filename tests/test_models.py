@@ -20,7 +20,7 @@ import transformers
 
 transformers.utils.logging.disable_progress_bar()
 
-from metal_jax.models import KV, GPT2Config, LlamaConfig, config_from_hf, module_for
+from metal_jax.models import KV, GPT2Config, LlamaConfig, config_from_hf
 from metal_jax.models import rope as rope_lib
 from metal_jax.models.hf import load_lm
 

@@ -24,7 +24,7 @@ from flax import traverse_util
 
 from metal_jax.errors import UserError
 from metal_jax.models import REGISTRY, config_from_hf, module_for
-from metal_jax.models.base import DTYPES, CausalLM
+from metal_jax.models.base import CausalLM
 
 CONFIG_FILE = 'config.json'
 SAFETENSORS_FILE = 'model.safetensors'

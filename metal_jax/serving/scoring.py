@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from metal_jax import objective
-from metal_jax.data.episodes import EpisodeSpec, LMHalf, bucket, collate_lm, left_truncate
+from metal_jax.data.episodes import EpisodeSpec, LMHalf, bucket, collate_lm
 from metal_jax.models.base import CausalLM
 from metal_jax.models.layers import KV
 from metal_jax.pgm import Prompt
