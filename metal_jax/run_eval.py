@@ -90,13 +90,7 @@ def compare_variants(analysis: str, workdir: str, seeds: Sequence[str], out: str
   rows = {}
   for label, (fields, tests) in VARIANTS[analysis].items():
     cfg = config.copy_and_resolve_references()
-    for k, v in fields.items():
-      *parents, leaf = k.split('.')
-      node = cfg
-      for name in parents:
-        node = node[name]
-      node[leaf] = v
-    cfg.progress = progress
+    cfg.update_from_flattened_dict({**fields, 'progress': progress})
     sub = variant_workdir(workdir, config, analysis, label, fields)
     log.info('%s: %s in %s', analysis, label, sub)
     if not finished(sub, cfg):
