@@ -173,13 +173,15 @@ def main(argv):
           'compilations': statistics.median(sum(x['compiles'] for x in rnd)
                                             for rnd in runs[(s, m)]),
           'compile_s': statistics.median(sum(x['compile_s'] for x in rnd) for rnd in runs[(s, m)]),
-          'forward_passes': recs[0]['forward'], 'backward_passes': recs[0]['backward']}
+          # the mean over task-seeds, as eval.py's cost table (RLPrompt's depends on the classes)
+          'forward_passes': statistics.mean(x['forward'] for x in recs),
+          'backward_passes': statistics.mean(x['backward'] for x in recs)}
       v = summary[f'{m}/{s}']
       print(f'{m} ({s}): median per task and seed {v["median_wall_s"]:.2f} s wall, '
             f'{v["median_cpu_s"]:.2f} s CPU; total {v["median_total_wall_s"]:.1f} s wall, '
             f'{v["median_total_cpu_s"]:.1f} s CPU, {v["compilations"]:.0f} compilations '
-            f'({v["compile_s"]:.1f} s); {v["forward_passes"]} forward + '
-            f'{v["backward_passes"]} backward passes a task')
+            f'({v["compile_s"]:.1f} s); {v["forward_passes"]:.0f} forward + '
+            f'{v["backward_passes"]:.0f} backward passes a task (mean)')
     if FLAGS.against:
       a, b = summary[f'{m}/against'], summary[f'{m}/this']
       diff = max(float(np.max(np.abs(np.asarray(x['prompt']) - np.asarray(y['prompt']))))
