@@ -113,7 +113,7 @@ def generation(module, params: dict, state: jax.Array, best, layer, a: jax.Array
   """One CMA-ES generation's device work for layer `layer`: candidates z [N, d] projected by its
   A (a), their losses [N], and the elitist update. Returns (state, best, losses): layer `layer`
   of state [L, 2, P, K, H] becomes the best candidate when its loss is below best (the kept
-  prompt's loss), as run() decides the same on the host from the losses."""
+  prompt's loss), so the kept prompt never leaves the device."""
   cands = project(a, z, shape)
   fits = population_loss(module, params, state, layer, cands, batch)
   i = jnp.argmin(fits)  # the first minimum (a NaN, as numpy's argmin; NaN < best is False)
@@ -156,25 +156,20 @@ def run(module, params: dict, task: TokenizedTask, idx: Sequence[int], spec: Epi
       strategies = [cma.CMAEvolutionStrategy(np.zeros(d), float(hp.sigma0),
                                              {'popsize': pop, 'seed': seed + l, 'verbose': -9})
                     for l in range(n_layers)]
-      best, losses, forward = math.inf, [], 0
-      # The kept prompt and its loss on the device (generation() updates them).
-      state, best_dev = common.on_params_mesh(params, (state, jnp.float32(jnp.inf)))
+      # The kept prompt and its loss stay on the device (generation() updates them); the host
+      # reads each generation's losses, which its CMA-ES needs.
+      state, best = common.on_params_mesh(params, (state, jnp.float32(jnp.inf)))
+      bests = []
       for g in range(generations):
         layer = g % n_layers
         es = strategies[layer]
         zs = es.ask()
-        state, best_dev, fits = generation(module, params, state, best_dev, layer,
-                                           layer_projection(layer),
-                                           jnp.asarray(np.stack(zs), jnp.float32), batch, shape)
-        fits = np.asarray(fits).tolist()
-        forward += pop
-        es.tell(zs, fits)
-        i = int(np.argmin(fits))
-        if fits[i] < best:
-          best = fits[i]
-        losses.append(best)
+        state, best, fits = generation(module, params, state, best, layer, layer_projection(layer),
+                                       jnp.asarray(np.stack(zs), jnp.float32), batch, shape)
+        es.tell(zs, np.asarray(fits).tolist())
+        bests.append(best)
   finally:
     np.random.set_state(np_state)
-  assert forward == generations * pop <= hp.budget
-  return common.TuneResult(prompt=to_prompt(state), forward_passes=forward, backward_passes=0,
-                           losses=losses)
+  return common.TuneResult(prompt=to_prompt(state), forward_passes=generations * pop,
+                           backward_passes=0,
+                           losses=[float(x) for x in jax.device_get(bests)])

@@ -316,7 +316,6 @@ def init_state(policy: dict, hp: Hparams) -> dict:
   return {'policy': policy, 'target': policy, 'opt': optimizer(hp.lr, hp.clip_norm).init(policy)}
 
 
-
 def run(module, params: dict, task: TokenizedTask, idx: Sequence[int], spec: EpisodeSpec,
         hp: Hparams, *, rng, tokenizer) -> common.TuneResult:
   """RLPrompt on the examples idx; the prompt is the trained policy's greedy prompt, decoded by
