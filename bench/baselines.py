@@ -28,7 +28,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -73,7 +72,7 @@ def worker(side: str, method: str) -> None:
   import jax
   import jax.monitoring
   import numpy as np
-  from metal_jax import evaluation, experiment, methods as methods_lib
+  from metal_jax import evaluation, experiment, methods as methods_lib, run_eval
   compiles = []
   jax.monitoring.register_event_duration_secs_listener(
       lambda event, secs, **kw: compiles.append(secs)
@@ -85,9 +84,7 @@ def worker(side: str, method: str) -> None:
   task_seeds = evaluation.load_task_seeds(
       locator, tasks, [int(s) for s in FLAGS.seeds], tr.tokenizer,
       os.path.join(FLAGS.workdir, 'cache', 'tokenized'), config.max_example_len)
-  bbt_budget = int(config.get('eval', {}).get('bbt_budget', 0))  # as run_eval.main
-  base = {'bbtv2': methods_lib.REGISTRY['bbtv2'].Hparams(budget=bbt_budget)} if bbt_budget else {}
-  hp = methods_lib.hparams_from(FLAGS.hparams, base)[method]
+  hp = run_eval.method_hparams(config, FLAGS.hparams)[method]
   method_obj = methods_lib.REGISTRY[method]
   if side == 'against':
     module = load_against(method, FLAGS.against_dir)
@@ -97,7 +94,7 @@ def worker(side: str, method: str) -> None:
                            (config.n_prompt_examples, config.n_lm_examples), {}, tr.tokenizer)
   records = []
   for ts in task_seeds:  # eval.py's order and rng (evaluation._evaluate_seeds)
-    rng = jax.random.key(zlib.crc32(f'{config.seed}/{method}/{ts.task}/{ts.seed}'.encode()))
+    rng = evaluation.method_rng(config.seed, method, ts)
     n0, w0, c0 = len(compiles), time.perf_counter(), time.process_time()
     out = evaluation.method_prompt(method, method_obj, hp, ts, ctx, rng)
     jax.block_until_ready(out.prompt)

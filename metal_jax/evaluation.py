@@ -302,6 +302,13 @@ def _method_summary(tasks: Sequence[str], seeds: Sequence[int], records: dict) -
 RECORD_EVERY_S = 30.0
 
 
+def method_rng(seed: int, method: str, ts: TaskSeed) -> jax.Array:
+  """The key a method's prompt for one task and seed is drawn with: the run's seed, the method,
+  the task and the few-shot seed, and nothing else (so methods, tasks and seeds may be run in any
+  order or alone, as bench/baselines.py does, and give the same prompts)."""
+  return jax.random.key(zlib.crc32(f'{seed}/{method}/{ts.task}/{ts.seed}'.encode()))
+
+
 def _evaluate_seeds(method: str, method_obj, hp, task_seeds: Sequence[TaskSeed], ctx: Context,
                     seed: int, out_dir: str, bar):
   """Yields (task seed, record) for one method on one task's seeds: prompts, scores (several
@@ -309,7 +316,7 @@ def _evaluate_seeds(method: str, method_obj, hp, task_seeds: Sequence[TaskSeed],
   group, spent = [], 0.0
   for i, ts in enumerate(task_seeds):
     bar.set_postfix(method=method, task=ts.task)
-    rng = jax.random.key(zlib.crc32(f'{seed}/{method}/{ts.task}/{ts.seed}'.encode()))
+    rng = method_rng(seed, method, ts)
     t0 = time.perf_counter()
     out = method_prompt(method, method_obj, hp, ts, ctx, rng)
     jax.block_until_ready(out.prompt)

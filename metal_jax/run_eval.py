@@ -112,6 +112,15 @@ def compare_variants(analysis: str, workdir: str, seeds: Sequence[str], out: str
   return md
 
 
+def method_hparams(config, hparams: Sequence[str] = (), bbt_budget: int = 0) -> dict:
+  """Each method's hyperparameters as eval.py runs them on a run with this config: BBTv2's
+  budget is bbt_budget, else the config's eval.bbt_budget, else the method default; then
+  --hparams=method.field=value on top."""
+  bbt_budget = bbt_budget or int(config.get('eval', {}).get('bbt_budget', 0))
+  base = {'bbtv2': methods_lib.REGISTRY['bbtv2'].Hparams(budget=bbt_budget)} if bbt_budget else {}
+  return methods_lib.hparams_from(hparams, base)
+
+
 def main(*, workdir: str, split: Sequence[str] = (), seeds: Sequence[str] = ('100', '13', '21', '42'),
          methods: Sequence[str] = ('all',), hparams: Sequence[str] = (), bbt_budget: int = 0,
          out: str = '', progress: bool = True, setting_path: str = '', data_dir: str = '',
@@ -144,11 +153,7 @@ def main(*, workdir: str, split: Sequence[str] = (), seeds: Sequence[str] = ('10
       config.n_prompt_examples, config.n_lm_examples)
   if len(split_t) != 2:
     raise FlagError(f'--split={",".join(split)}: expected "n_P,n_L"')
-  # BBTv2's budget: the flag, else the run config's eval.bbt_budget, else the method default;
-  # then --hparams=method.field=value on top.
-  bbt_budget = bbt_budget or int(config.get('eval', {}).get('bbt_budget', 0))
-  base = {'bbtv2': methods_lib.REGISTRY['bbtv2'].Hparams(budget=bbt_budget)} if bbt_budget else {}
-  hp = methods_lib.hparams_from(hparams, base)
+  hp = method_hparams(config, hparams, bbt_budget)
   registry = methods_lib.REGISTRY
   if analysis:
     registry = {m: obj for m, (obj, _) in ANALYSES[analysis]['methods'].items()}
